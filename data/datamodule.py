@@ -1,0 +1,225 @@
+"""The Lightning DataModule: tokenizer + token cache + packed windows for train/validation/test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data import sources
+from data.errors import DataError
+from data.packing import PackedWindows
+from data.splits import SPLITS
+from data.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
+from data.tokens import TokenStore, cache_key, is_complete, write_token_cache
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "PI_LLAMA_CACHE"
+# Bump when train_tokenizer's settings change, so old cached tokenizers are not reused.
+TOKENIZER_RECIPE = 1
+_STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
+
+
+def default_cache_dir() -> Path:
+    """$PI_LLAMA_CACHE, or ~/.cache/pi_llama."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pi_llama"
+
+
+class TextDataModule(L.LightningDataModule):
+    """Documents -> tokenizer -> cached token files -> shuffled windows of seq_len + 1 tokens."""
+
+    def __init__(
+        self,
+        *,
+        source: str = "shakespeare",
+        path: str | None = None,
+        text_field: str = "text",
+        hf_name: str | None = None,
+        hf_config: str | None = None,
+        tokenizer: str | None = None,
+        vocab_size: int = 4096,
+        batch_size: int = 16,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        seq_len: int,
+        seed: int = 0,
+    ) -> None:
+        """Store and sanity-check the settings; no file or data work happens here."""
+        super().__init__()
+        sources.check_source(source)
+        for name, value, low in (
+            ("seq_len", seq_len, 1),
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise DataError(f"data setting {name}={value!r} is invalid; use an integer >= {low}")
+        if tokenizer is None and (not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE):
+            raise DataError(
+                f"vocab_size={vocab_size!r} is too small to train a tokenizer; use at least {MIN_VOCAB_SIZE}"
+            )
+        self.save_hyperparameters()
+        self.source = source
+        self.path = path
+        self.text_field = text_field
+        self.hf_name = hf_name
+        self.hf_config = hf_config
+        self.tokenizer_path = tokenizer
+        self.vocab_size = vocab_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.seq_len = seq_len
+        self.seed = seed
+        self._tokenizer: Tokenizer | None = None
+        self._identity: dict[str, Any] | None = None
+        self._documents: dict[str, list[str]] | None = None
+        self._token_dir: Path | None = None
+        self._stores: dict[str, TokenStore] = {}
+        self._datasets: dict[str, PackedWindows] = {}
+
+    # -- preparation -------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Build (or find) the tokenizer and the token cache; safe to call repeatedly."""
+        tok = self.tokenizer
+        directory = self.token_dir
+        if is_complete(directory):
+            log.info("using cached tokens at %s", directory)
+        else:
+            log.info("tokenizing %s with tokenizer %s into %s", self.source, tok.fingerprint, directory)
+            write_token_cache(directory, self._load_documents(), tok, self._source_identity())
+        # The raw texts are only needed to build caches; free them.
+        self._documents = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the token cache and the windowed datasets the stage needs."""
+        if not is_complete(self.token_dir):
+            self.prepare_data()  # outside a Trainer, or a rank that skipped prepare_data
+        wanted = _STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS
+        for split in wanted:
+            if split not in self._datasets:
+                self._datasets[split] = PackedWindows(self.store(split), self.seq_len, split)
+        if "train" in self._datasets and len(self._datasets["train"]) < self.batch_size:
+            n = len(self._datasets["train"])
+            raise DataError(
+                f"the train split has {n} windows of seq_len + 1 = {self.seq_len + 1} tokens, fewer than "
+                f"batch_size={self.batch_size}, so an epoch would be empty; lower batch_size or seq_len"
+            )
+
+    def prepare(self) -> TextDataModule:
+        """prepare_data() + setup() for use outside a Trainer; returns self."""
+        self.prepare_data()
+        self.setup()
+        return self
+
+    # -- accessors ---------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer: the configured file, or the project's own (trained once and cached)."""
+        if self._tokenizer is None:
+            self._tokenizer = self._resolve_tokenizer()
+        return self._tokenizer
+
+    @property
+    def token_dir(self) -> Path:
+        """<cache_dir>/tokens/<key> for this tokenizer and source."""
+        if self._token_dir is None:
+            key = cache_key(self.tokenizer.fingerprint, self._source_identity())
+            self._token_dir = self.cache_dir / "tokens" / key
+        return self._token_dir
+
+    def store(self, split: str) -> TokenStore:
+        """The memory-mapped tokens of `split` ("train", "validation" or "test")."""
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        if split not in self._stores:
+            if not is_complete(self.token_dir):
+                self.prepare_data()
+            self._stores[split] = TokenStore(self.token_dir, split)
+        return self._stores[split]
+
+    def documents(self, split: str) -> list[np.ndarray]:
+        """Token ids of every document of `split` (BOS ... EOS each), e.g. for sliding-window perplexity."""
+        return self.store(split).documents()
+
+    def dataset(self, split: str) -> PackedWindows:
+        """The packed windows of `split`."""
+        if split not in self._datasets:
+            self._datasets[split] = PackedWindows(self.store(split), self.seq_len, split)
+        return self._datasets[split]
+
+    # -- loaders -----------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded), full batches only."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(self.dataset("train"), self.batch_size, shuffle=True, generator=generator, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation windows in order."""
+        return self._loader(self.dataset("validation"), self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test windows in order."""
+        return self._loader(self.dataset("test"), self.eval_batch_size)
+
+    def _loader(self, dataset: PackedWindows, batch_size: int, **kwargs: Any) -> DataLoader:
+        """A DataLoader with this module's worker settings."""
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _source_identity(self) -> dict[str, Any]:
+        """The source identity, computed once (it stats every file of a text_dir)."""
+        if self._identity is None:
+            self._identity = sources.source_identity(
+                self.source, self.path, self.text_field, self.hf_name, self.hf_config
+            )
+        return self._identity
+
+    def _load_documents(self) -> dict[str, list[str]]:
+        """Raw document texts per split, loaded at most once per prepare."""
+        if self._documents is None:
+            log.info("loading documents from source %s", self.source)
+            self._documents = sources.load_documents(
+                self.source, self.path, self.text_field, self.hf_name, self.hf_config
+            )
+        return self._documents
+
+    def _resolve_tokenizer(self) -> Tokenizer:
+        """Load the configured tokenizer, or load/train the project's own on the train split."""
+        if self.tokenizer_path is not None:
+            tok = Tokenizer.load(self.tokenizer_path)
+            log.info("using tokenizer %s (%d pieces, fingerprint %s)", tok.path, tok.vocab_size, tok.fingerprint)
+            return tok
+        material = {"recipe": TOKENIZER_RECIPE, "source": self._source_identity(), "vocab_size": self.vocab_size}
+        digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+        path = self.cache_dir / "tokenizers" / f"{self.source}-{digest}-v{self.vocab_size}.model"
+        if path.is_file():
+            tok = Tokenizer.load(path)
+            log.info("using cached tokenizer at %s", path)
+            return tok
+        log.info("training a %d-piece tokenizer on the %s train split", self.vocab_size, self.source)
+        return train_tokenizer(self._load_documents()["train"], path, self.vocab_size)

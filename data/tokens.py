@@ -1,0 +1,155 @@
+"""The on-disk token cache: one memory-mapped token file plus document offsets per split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.splits import SPLITS
+from data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Bump when the file layout changes: it is part of the cache key.
+CACHE_FORMAT = 1
+META_FILE = "meta.json"  # written last: its presence means the cache is complete
+_ENCODE_BATCH = 64  # documents per sentencepiece call; bounds memory on large corpora
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32 (halves the cache for LLaMA's 32k vocab)."""
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+def cache_key(tokenizer_fingerprint: str, source_identity: Mapping[str, Any]) -> str:
+    """sha256 over the tokenizer, the source identity (incl. split rule version) and the cache format."""
+    material = {"format": CACHE_FORMAT, "tokenizer": tokenizer_fingerprint, "source": source_identity}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether `directory` holds a finished token cache."""
+    return (directory / META_FILE).is_file()
+
+
+def write_token_cache(
+    directory: Path, documents: Mapping[str, Sequence[str]], tokenizer: Tokenizer, identity: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Tokenize every split (each document as BOS + ids + EOS) into `directory`, atomically; return the metadata."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    # Per-process temp names: concurrent builders (e.g. one per node) never clobber each other.
+    suffix = f".{os.getpid()}.tmp"
+    start = time.perf_counter()
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        docs = documents.get(split, [])
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        bin_tmp = directory / f"{split}.bin{suffix}"
+        with open(bin_tmp, "wb") as f:
+            for lo in range(0, len(docs), _ENCODE_BATCH):
+                batch = tokenizer.encode_batch(docs[lo : lo + _ENCODE_BATCH], bos=True, eos=True)
+                for j, ids in enumerate(batch):
+                    f.write(np.asarray(ids, dtype=dtype).tobytes())
+                    offsets[lo + j + 1] = offsets[lo + j] + len(ids)
+        idx_tmp = directory / f"{split}.idx{suffix}.npy"
+        np.save(idx_tmp, offsets)
+        os.replace(bin_tmp, directory / f"{split}.bin")
+        os.replace(idx_tmp, directory / f"{split}.idx.npy")
+        splits[split] = {"num_tokens": int(offsets[-1]), "num_documents": len(docs)}
+    meta = {
+        "format": CACHE_FORMAT,
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "tokenizer": {"path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
+        "source": dict(identity),
+        "splits": splits,
+    }
+    meta_tmp = directory / f"{META_FILE}{suffix}"
+    meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(meta_tmp, directory / META_FILE)
+    log.info(
+        "tokenized %s in %.1f s -> %s",
+        ", ".join(f"{s}: {v['num_documents']} docs / {v['num_tokens']:,} tokens" for s, v in splits.items()),
+        time.perf_counter() - start,
+        directory,
+    )
+    return meta
+
+
+class TokenStore:
+    """One split of a token cache, memory-mapped lazily (cheap to pickle into DataLoader workers)."""
+
+    def __init__(self, directory: Path, split: str) -> None:
+        """Open `split` of the finished cache in `directory`."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
+        self.directory = Path(directory)
+        self.split = split
+        self.dtype = np.dtype(meta["dtype"])
+        self.bos_id: int = meta["bos_id"]
+        self.eos_id: int = meta["eos_id"]
+        self._num_tokens: int = meta["splits"][split]["num_tokens"]
+        self._offsets = np.load(self.directory / f"{split}.idx.npy")
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All tokens of the split, documents back to back (read-only memmap)."""
+        if self._tokens is None:
+            if self._num_tokens == 0:
+                # np.memmap refuses empty files.
+                self._tokens = np.zeros(0, dtype=self.dtype)
+            else:
+                self._tokens = np.memmap(self.directory / f"{self.split}.bin", dtype=self.dtype, mode="r")
+        return self._tokens
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Start of each document in `tokens`, plus the total as a last entry."""
+        return self._offsets
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the split, BOS/EOS included."""
+        return self._num_tokens
+
+    @property
+    def num_documents(self) -> int:
+        """Documents in the split."""
+        return len(self._offsets) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        """Token ids of document `i`: BOS, its tokens, EOS."""
+        if not -self.num_documents <= i < self.num_documents:
+            raise IndexError(f"document {i} out of range for {self.num_documents} documents in {self.split!r}")
+        i %= self.num_documents
+        return self.tokens[self._offsets[i] : self._offsets[i + 1]]
+
+    def documents(self) -> list[np.ndarray]:
+        """Every document's token ids, in order."""
+        return [self.document(i) for i in range(self.num_documents)]
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Drop the memmap: pickling it would copy the whole split into every worker.
+        state = self.__dict__.copy()
+        state["_tokens"] = None
+        return state
+
+    def __repr__(self) -> str:
+        where = f"{str(self.directory)!r}, {self.split!r}"
+        return f"TokenStore({where}, docs={self.num_documents}, tokens={self.num_tokens})"

@@ -1,0 +1,394 @@
+"""Tests for the data package: tokenizer, split, sources, token cache, packing, DataModule, configs."""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import json
+import logging
+import lzma
+import pickle
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import data.tokenizer as tokenizer_mod
+from data import (
+    DataError,
+    PackedWindows,
+    TextDataModule,
+    Tokenizer,
+    load_documents,
+    split_documents,
+    train_tokenizer,
+)
+from data.splits import split_sizes
+from data.tokens import cache_key
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the quick brown fox jumps over a lazy dog while seven bold kings sing of winter and war".split()
+
+
+def _prose(seed: int, n_lines: int = 40) -> str:
+    """Deterministic lowercase filler text (few distinct characters, so tiny vocabularies fit)."""
+    r = random.Random(seed)
+    return "\n".join(" ".join(r.choice(WORDS) for _ in range(10)) + "." for _ in range(n_lines)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def shk(tmp_path_factory: pytest.TempPathFactory) -> TextDataModule:
+    """The bundled corpus with the project's own 4096-piece tokenizer, trained once per module."""
+    cache = tmp_path_factory.mktemp("shk_cache")
+    return TextDataModule(seq_len=128, batch_size=4, eval_batch_size=2, cache_dir=str(cache), seed=0).prepare()
+
+
+@pytest.fixture(scope="module")
+def tok(shk: TextDataModule) -> Tokenizer:
+    """The module's shared tokenizer."""
+    return shk.tokenizer
+
+
+# -- tokenizer --------------------------------------------------------------------------------
+
+
+def test_special_ids(tok: Tokenizer) -> None:
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, -1)
+    assert [tok.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
+    assert tok.vocab_size == 4096
+    assert len(tok.fingerprint) == 16 and tok.path.is_file()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "To be, or not to be: that is the question.",
+        "  leading spaces,\ttabs and\n\nblank lines  ",
+        "\nstarts with a newline",
+        "naïve café — 東京 🙂 ∑ Ωmega",  # outside the ASCII training set: byte fallback
+        "x\r\ny 1234567890",
+        "",
+    ],
+)
+def test_round_trip(tok: Tokenizer, text: str) -> None:
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
+
+
+def test_unseen_characters_use_byte_pieces_not_unk(tok: Tokenizer) -> None:
+    ids = tok.encode("東京🙂", bos=False)
+    assert tok.unk_id not in ids
+    assert all(tok.id_to_piece(i).startswith("<0x") for i in ids if tok.id_to_piece(i) != "▁")
+
+
+def test_bos_eos_flags(tok: Tokenizer) -> None:
+    plain = tok.encode("Hamlet", bos=False)
+    assert tok.encode("Hamlet") == [1, *plain]
+    assert tok.encode("Hamlet", bos=True, eos=True) == [1, *plain, 2]
+    assert tok.decode(torch.tensor([1, *plain, 2])) == "Hamlet"
+
+
+def test_tokenizer_training_is_deterministic_and_atomic(tmp_path: Path) -> None:
+    texts = [_prose(i) for i in range(5)]
+    a = train_tokenizer(texts, tmp_path / "a.model", 300)
+    b = train_tokenizer(texts, tmp_path / "b.model", 300)
+    assert a.fingerprint == b.fingerprint and a.vocab_size == 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.model", "b.model"]  # no temp files left
+    assert Tokenizer.load(tmp_path / "a.model").fingerprint == a.fingerprint
+    assert pickle.loads(pickle.dumps(a)).encode("the fox") == a.encode("the fox")
+
+
+def test_tokenizer_vocab_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="vocab_size=100 is too small"):
+        train_tokenizer(["abc"], tmp_path / "t.model", 100)
+    with pytest.raises(DataError, match="vocab_size=5000 is too large"):
+        train_tokenizer([_prose(0)], tmp_path / "t.model", 5000)
+    with pytest.raises(DataError, match="empty"):
+        train_tokenizer(["", "   "], tmp_path / "t.model", 300)
+
+
+def test_load_rejects_tiktoken_file(tmp_path: Path) -> None:
+    fake = tmp_path / "tokenizer.model"
+    fake.write_text("IQ== 0\nIg== 1\nIw== 2\n")  # LLaMA 3's format: base64 token, rank
+    with pytest.raises(DataError, match=r"looks like a tiktoken BPE file \(LLaMA 3\)"):
+        Tokenizer.load(fake)
+
+
+def test_load_rejects_missing_and_garbage(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        Tokenizer.load(tmp_path / "nope.model")
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"\x00\x01 not a protobuf \xff")
+    with pytest.raises(DataError, match="is not a sentencepiece model"):
+        Tokenizer.load(junk)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    with pytest.raises(DataError, match="Hugging Face tokenizer.json"):
+        Tokenizer.load(tmp_path / "tokenizer.json")
+
+
+# -- split ------------------------------------------------------------------------------------
+
+
+def test_split_sizes() -> None:
+    assert split_sizes(42) == {"train": 36, "validation": 3, "test": 3}
+    assert split_sizes(3) == {"train": 1, "validation": 1, "test": 1}
+    assert split_sizes(20) == {"train": 18, "validation": 1, "test": 1}
+    assert split_sizes(100) == {"train": 90, "validation": 5, "test": 5}
+    with pytest.raises(DataError, match="at least 3"):
+        split_sizes(2)
+
+
+def test_split_is_disjoint_complete_deterministic_and_order_free() -> None:
+    names = [f"doc_{i:03d}.txt" for i in range(57)]
+    idx = split_documents(names)
+    flat = idx["train"] + idx["validation"] + idx["test"]
+    assert sorted(flat) == list(range(57))  # covers every document exactly once
+    assert idx == split_documents(names)  # deterministic
+    shuffled = names[:]
+    random.Random(1).shuffle(shuffled)
+    by_name = {s: {names[i] for i in v} for s, v in idx.items()}
+    assert by_name == {s: {shuffled[i] for i in v} for s, v in split_documents(shuffled).items()}
+
+
+def test_shakespeare_split_is_by_document() -> None:
+    docs = load_documents("shakespeare")
+    assert {s: len(v) for s, v in docs.items()} == {"train": 36, "validation": 3, "test": 3}
+    assert load_documents("shakespeare") == docs
+    heads = {s: {d[:300] for d in v} for s, v in docs.items()}
+    assert not heads["train"] & heads["validation"]
+    assert not heads["train"] & heads["test"]
+    assert not heads["validation"] & heads["test"]
+    # Whole documents only: every held-out play is a complete record of the bundled file.
+    with lzma.open(REPO / "data" / "corpus" / "shakespeare.jsonl.xz", "rt", encoding="utf-8") as f:
+        records = {r["file"]: r["text"] for r in map(json.loads, f)}
+    assert len(records) == 42
+    test_files = ("henry_vi_part_2_gut.txt", "lovers_complaint_gut.txt", "timon_of_athens_gut.txt")
+    assert sorted(docs["test"]) == sorted(records[n] for n in test_files)
+
+
+# -- packing ----------------------------------------------------------------------------------
+
+
+def test_packing_targets_every_token_once() -> None:
+    tokens = np.arange(103, dtype=np.uint16)
+    ds = PackedWindows(tokens, seq_len=10)
+    assert len(ds) == 10  # (103 - 1) // 10; the 2-token tail is dropped
+    windows = [ds[i] for i in range(len(ds))]
+    assert all(w.shape == (11,) and w.dtype == torch.int64 for w in windows)
+    targets = torch.cat([w[1:] for w in windows]).numpy()
+    assert np.array_equal(targets, tokens[1:101])
+    assert all(windows[i][-1] == windows[i + 1][0] for i in range(len(ds) - 1))
+
+
+def test_packing_on_real_store(shk: TextDataModule) -> None:
+    store = shk.store("validation")
+    toks = np.asarray(store.tokens)
+    starts, ends = store.offsets[:-1], store.offsets[1:] - 1
+    assert (toks[starts] == 1).all() and (toks[ends] == 2).all()  # BOS ... EOS around each document
+    assert (toks == 1).sum() == store.num_documents  # and nowhere else
+    ds = shk.dataset("validation")
+    assert len(ds) == (store.num_tokens - 1) // 128
+    targets = np.concatenate([ds[i][1:].numpy() for i in range(len(ds))])
+    assert np.array_equal(targets, toks[1 : 1 + len(ds) * 128])
+
+
+def test_split_too_small_for_one_window() -> None:
+    with pytest.raises(DataError, match=r"validation split has 10 tokens.*seq_len \+ 1 = 11"):
+        PackedWindows(np.arange(10), seq_len=10, split="validation")
+
+
+def test_datamodule_seq_len_too_long(shk: TextDataModule) -> None:
+    dm = TextDataModule(seq_len=2 * 10**6, cache_dir=str(shk.cache_dir))
+    with pytest.raises(DataError, match=r"the train split has \d+ tokens, fewer than one window"):
+        dm.setup("fit")
+
+
+def test_packed_windows_pickle_small(shk: TextDataModule) -> None:
+    ds = shk.dataset("train")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 10_000  # the memmap is reopened in the worker, not copied
+    assert torch.equal(pickle.loads(blob)[5], ds[5])
+
+
+# -- DataModule and cache ---------------------------------------------------------------------
+
+
+def test_documents_decode_to_source_text(shk: TextDataModule) -> None:
+    texts = load_documents("shakespeare")["test"]
+    docs = shk.documents("test")
+    assert len(docs) == 3
+    assert [shk.tokenizer.decode(d) for d in docs] == texts
+
+
+def test_loaders(shk: TextDataModule) -> None:
+    a = next(iter(shk.train_dataloader()))
+    b = next(iter(shk.train_dataloader()))
+    assert a.shape == (4, 129) and a.dtype == torch.int64
+    assert torch.equal(a, b)  # same seed, same order
+    val = next(iter(shk.val_dataloader()))
+    assert torch.equal(val, torch.stack([shk.dataset("validation")[i] for i in range(2)]))
+    assert len(shk.train_dataloader()) == len(shk.dataset("train")) // 4  # drop_last
+
+
+def test_cache_is_reused_without_tokenizing(shk: TextDataModule, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    bin_file = shk.token_dir / "train.bin"
+    mtime = bin_file.stat().st_mtime_ns
+
+    def boom(*args, **kwargs):
+        raise AssertionError("re-tokenized or re-trained")
+
+    monkeypatch.setattr(Tokenizer, "encode", boom)
+    monkeypatch.setattr(Tokenizer, "encode_batch", boom)
+    monkeypatch.setattr(tokenizer_mod.spm.SentencePieceTrainer, "train", boom)
+    with caplog.at_level(logging.INFO, logger="data"):
+        dm = TextDataModule(seq_len=128, batch_size=4, cache_dir=str(shk.cache_dir)).prepare()
+    assert "using cached tokens at" in caplog.text
+    assert dm.token_dir == shk.token_dir and bin_file.stat().st_mtime_ns == mtime
+    assert dm.store("train").num_tokens == shk.store("train").num_tokens
+
+
+def test_different_tokenizer_different_key(shk: TextDataModule, tmp_path: Path) -> None:
+    other = train_tokenizer([_prose(0), _prose(1)], tmp_path / "other.model", 300)
+    dm = TextDataModule(seq_len=128, tokenizer=str(other.path), cache_dir=str(shk.cache_dir))
+    assert dm.token_dir != shk.token_dir
+    ident = {"source": "shakespeare"}
+    assert cache_key("a" * 16, ident) != cache_key("b" * 16, ident)
+    assert cache_key("a" * 16, ident) != cache_key("a" * 16, {"source": "text_dir"})
+
+
+def test_init_is_cheap_and_cache_dir_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PI_LLAMA_CACHE", str(tmp_path / "envcache"))
+    dm = TextDataModule(source="text_dir", path=str(tmp_path / "missing"), seq_len=8)  # no data work yet
+    assert dm.cache_dir == tmp_path / "envcache" and not dm.cache_dir.exists()
+    with pytest.raises(DataError, match="does not exist"):
+        dm.prepare()
+
+
+# -- other sources ----------------------------------------------------------------------------
+
+
+def test_text_dir_source(tmp_path: Path, tok: Tokenizer) -> None:
+    root = tmp_path / "corpus"
+    for i in range(6):
+        f = root / f"part{i % 2}" / f"doc{i}.txt"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(_prose(i), encoding="utf-8")
+    (root / "notes.md").write_text("ignored: not .txt")
+    dm = TextDataModule(
+        source="text_dir",
+        path=str(root),
+        tokenizer=str(tok.path),
+        seq_len=32,
+        batch_size=2,
+        cache_dir=str(tmp_path / "c"),
+    ).prepare()
+    counts = {s: dm.store(s).num_documents for s in ("train", "validation", "test")}
+    assert counts == {"train": 4, "validation": 1, "test": 1}
+    originals = {_prose(i) for i in range(6)}
+    assert {tok.decode(d) for s in counts for d in dm.documents(s)} == originals
+    assert next(iter(dm.train_dataloader())).shape == (2, 33)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.xz"])
+def test_jsonl_source_with_own_small_tokenizer(tmp_path: Path, suffix: str) -> None:
+    lines = "".join(json.dumps({"id": i, "body": _prose(i, 30)}) + "\n" for i in range(8)).encode()
+    path = tmp_path / f"docs{suffix}"
+    opener = {".jsonl": open, ".jsonl.gz": gzip.open, ".jsonl.xz": lzma.open}[suffix]
+    with opener(path, "wb") as f:
+        f.write(lines)
+    dm = TextDataModule(
+        source="jsonl",
+        path=str(path),
+        text_field="body",
+        vocab_size=300,
+        seq_len=16,
+        batch_size=2,
+        cache_dir=str(tmp_path / "c"),
+    ).prepare()
+    assert dm.tokenizer.vocab_size == 300
+    assert dm.tokenizer.path.parent == tmp_path / "c" / "tokenizers"
+    assert sum(dm.store(s).num_documents for s in ("train", "validation", "test")) == 8
+    assert {dm.tokenizer.decode(d) for d in dm.documents("test")} <= {_prose(i, 30) for i in range(8)}
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_error_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no .txt files found"):
+        load_documents("text_dir", str(tmp_path))
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    with pytest.raises(DataError, match="no non-blank documents"):
+        load_documents("text_dir", str(tmp_path))
+
+
+def test_error_too_few_documents(tmp_path: Path) -> None:
+    for i in range(2):
+        (tmp_path / f"{i}.txt").write_text(_prose(i))
+    with pytest.raises(DataError, match="found 2 document"):
+        load_documents("text_dir", str(tmp_path))
+
+
+def test_error_non_utf8_file(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(_prose(i))
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.txt is not valid UTF-8"):
+        load_documents("text_dir", str(tmp_path))
+
+
+def test_error_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_documents("jsonl", str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="needs data.path"):
+        load_documents("text_dir", None)
+
+
+def test_error_jsonl_missing_field(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one"}\n\n{"body": "two"}\n')
+    with pytest.raises(DataError, match=r"docs\.jsonl line 3 has no 'text' field.*data\.text_field"):
+        load_documents("jsonl", str(path))
+    path.write_text('{"text": "one"}\n{not json\n')
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        load_documents("jsonl", str(path))
+
+
+def test_error_unknown_source() -> None:
+    with pytest.raises(DataError, match="unknown data source 'books'; choose one of: shakespeare, text_dir, jsonl, hf"):
+        TextDataModule(source="books", seq_len=8)
+    with pytest.raises(DataError, match="unknown data source"):
+        load_documents("books")
+
+
+def test_error_hf_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(DataError, match="needs the `datasets` package"):
+        load_documents("hf", hf_name="pg19")
+
+
+def test_error_tiktoken_tokenizer_in_datamodule(tmp_path: Path) -> None:
+    fake = tmp_path / "tokenizer.model"
+    fake.write_text("IQ== 0\nIg== 1\n")
+    dm = TextDataModule(tokenizer=str(fake), seq_len=8, cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match="tiktoken"):
+        dm.prepare()
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["shakespeare", "text_dir", "jsonl", "pg19"])
+def test_config_keys_match_constructor(name: str) -> None:
+    cfg = OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml")
+    params = set(inspect.signature(TextDataModule.__init__).parameters) - {"self", "seq_len", "seed"}
+    assert set(cfg.keys()) == params
+    if name in ("text_dir", "jsonl"):
+        assert OmegaConf.is_missing(cfg, "path")
+    else:
+        dm = TextDataModule(**OmegaConf.to_container(cfg), seq_len=8, seed=0)  # cheap: no data work
+        assert dm.vocab_size == (32000 if name == "pg19" else 4096)
