@@ -13,6 +13,7 @@ part of the state dict can never go stale inside a checkpoint.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, NamedTuple
 
@@ -350,8 +351,15 @@ def build_position_encoding(
     """
     if kind not in KINDS:
         raise PositionError(f"unknown position encoding {kind!r}; choose one of {', '.join(KINDS)}.")
+    for name, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PositionError(f"position.{name}={value!r} must be a number.")
     if kind in ROTARY:
         cls = ROTARY[kind]
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "head_dim"}
+        unknown = sorted(set(params) - accepted)
+        if unknown:
+            raise PositionError(f"position {kind!r} has no setting(s) {unknown}; it takes {sorted(accepted)}.")
         return cls(
             head_dim,
             theta=theta or rope_theta,

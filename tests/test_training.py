@@ -1,0 +1,176 @@
+"""train(cfg) on the real composed config: one fast step per position type, resume, bad overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from model import KINDS, ModelArgs
+from model.checkpoints import load_pretrained
+from training.config import ConfigError, validate
+from training.run import base_path, train
+from training.schedule import warmup_then
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def smoke(cache_dir, tmp_path, *overrides):
+    return compose_config("experiment=smoke", f"data.cache_dir={cache_dir}", f"run_dir={tmp_path}", *overrides)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_fast_step_for_every_position_type(cache_dir, tmp_path, kind):
+    cfg = smoke(cache_dir, tmp_path, "stage=pretrain", f"position={kind}", "scale=2", "optim.pretrain.max_steps=1")
+    result = train(cfg)
+    assert result.last_checkpoint.exists()
+    loaded = load_pretrained(result.last_checkpoint)
+    assert loaded.position["kind"] == kind and loaded.position["scale"] == 2
+    assert torch.isfinite(torch.tensor(result.metrics["train/loss"]))
+
+
+def test_finetune_without_init_pretrains_and_caches_the_bundled_base_then_extends_it(cache_dir, tmp_path):
+    cfg = smoke(cache_dir, tmp_path / "ft", "position=pi", "scale=4")
+    assert not base_path(cfg).exists()
+    result = train(cfg)
+    assert base_path(cfg).exists() and result.stage == "finetune"
+    assert (tmp_path / "ft" / "base_pretrain" / "checkpoints" / "last.ckpt").exists()
+    extended = load_pretrained(result.last_checkpoint)
+    assert extended.position == {"kind": "pi", "scale": 4, "theta": None}
+    assert extended.args.max_seq_len == 64  # the base window L; the model reads L * scale
+    # The fine-tune trained on windows of L * scale tokens.
+    summary = OmegaConf.load(tmp_path / "ft" / "summary.json")
+    assert summary.seq_len == 256
+    # A later fine-tune finds the cached base instead of pretraining again.
+    again = train(smoke(cache_dir, tmp_path / "ft2", "position=pi", "scale=2"))
+    assert not (tmp_path / "ft2" / "base_pretrain").exists() and again.stage == "finetune"
+
+
+def test_init_from_a_checkpoint_starts_from_its_weights_and_extends_an_absolute_table(cache_dir, tmp_path):
+    base = train(smoke(cache_dir, tmp_path / "base", "stage=pretrain", "position=absolute", "optim.pretrain.max_steps=2"))
+    table = load_pretrained(base.last_checkpoint).state_dict["position.table"]
+    cfg = smoke(cache_dir, tmp_path / "ft", f"init={base.last_checkpoint}", "position=absolute", "scale=2",
+                "optim.finetune.lr=1e-12", "optim.finetune.max_steps=1")
+    extended = load_pretrained(train(cfg).last_checkpoint).state_dict["position.table"]
+    assert extended.shape[0] == 2 * table.shape[0]
+    torch.testing.assert_close(extended[0], table[0], atol=1e-6, rtol=0)  # end points kept
+    torch.testing.assert_close(extended[-1], table[-1], atol=1e-6, rtol=0)
+
+
+class _RecordStart(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.step = trainer.global_step
+        self.optimizer_state = {k: v["exp_avg"].clone() for k, v in trainer.optimizers[0].state_dict()["state"].items()}
+
+
+def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(cache_dir, tmp_path, monkeypatch):
+    first = train(smoke(cache_dir, tmp_path / "a", "stage=pretrain", "optim.pretrain.max_steps=3"))
+    saved = torch.load(first.last_checkpoint, weights_only=True)
+    recorder = _RecordStart()
+    original_init = L.Trainer.__init__
+
+    def with_recorder(self, *args, callbacks=None, **kwargs):
+        original_init(self, *args, callbacks=[*(callbacks or []), recorder], **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "__init__", with_recorder)
+    resumed = train(smoke(cache_dir, tmp_path / "b", "stage=pretrain", "optim.pretrain.max_steps=5",
+                          f"resume={first.last_checkpoint}"))
+    assert recorder.step == saved["global_step"] == 3
+    for key, exp_avg in saved["optimizer_states"][0]["state"].items():
+        torch.testing.assert_close(recorder.optimizer_state[key], exp_avg["exp_avg"])
+    assert torch.load(resumed.last_checkpoint, weights_only=True)["global_step"] == 5
+
+
+def test_warmup_follows_the_paper_then_stays_constant():
+    lr = warmup_then("constant", warmup_steps=20, warmup_start_ratio=0.1, max_steps=1000)
+    assert lr(0) == pytest.approx(0.1) and lr(10) == pytest.approx(0.55) and lr(20) == 1.0 and lr(999) == 1.0
+    cosine = warmup_then("cosine", warmup_steps=10, warmup_start_ratio=0.0, max_steps=110, min_lr_ratio=0.1)
+    assert cosine(10) == 1.0 and cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("group", ["model", "position", "data", "trainer", "optim", "experiment"])
+def test_every_config_option_composes_and_validates(group, tmp_path):
+    options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    assert options
+    for option in options:
+        overrides = [f"{group}={option}", f"run_dir={tmp_path}"]
+        if group == "experiment" and option.startswith("paper"):
+            overrides.append(f"init={tmp_path}")  # the paper's runs need real weights
+        if group in ("data",) and option in ("text_dir", "jsonl"):
+            overrides.append(f"data.path={tmp_path}")
+        cfg = compose_config(*overrides)
+        OmegaConf.resolve(cfg)
+        validate(cfg)
+
+
+def test_model_config_files_equal_the_presets_in_code():
+    from model.args import PRESETS
+
+    for name, args in PRESETS.items():
+        values = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+        assert ModelArgs.from_dict(values) == args
+
+
+def test_multirun_sweep_composes(tmp_path):
+    """`python train.py -m position=rope,pi,ntk scale=4` runs each value through the same train()."""
+    for kind in ("rope", "pi", "ntk"):
+        validate(compose_config(f"position={kind}", "scale=4", f"run_dir={tmp_path}"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["scale=0.5"], "scale=0.5 must be a number >= 1"),
+        (["scale=eight"], "scale='eight' must be a number >= 1"),
+        (["seq_len=0"], "seq_len=0 must be a positive integer"),
+        (["seq_len=-5"], "seq_len=-5 must be a positive integer"),
+        (["init=/no/such/checkpoint"], "init=/no/such/checkpoint does not exist"),
+        (["resume=/no/such.ckpt"], "resume=/no/such.ckpt does not exist"),
+        (["stage=bogus"], "stage='bogus' is not one of"),
+        (["optim.pretrain.max_steps=0"], "optim.pretrain.max_steps=0 must be a positive integer"),
+        (["model.n_heads=3"], "divisible by model.n_heads"),
+        (["position=yarn", "position.beta_fast=x"], "position.beta_fast=.x. must be a number"),
+        (["run_dir=/dev/null/run"], "cannot be written"),
+    ],
+)
+def test_bad_values_fail_before_any_data_work(overrides, message):
+    with pytest.raises((ConfigError, TypeError, ValueError), match=message):
+        validate(compose_config(*overrides))
+
+
+@pytest.mark.parametrize("overrides", [["no_such_key=1"], ["position=alibi"], ["model=gpt5"], ["optim.finetune.lr_typo=1"]])
+def test_unknown_keys_and_options_are_refused_by_hydra(overrides):
+    with pytest.raises(HydraException):
+        compose_config(*overrides)
+
+
+def test_train_py_reports_a_bad_override_in_one_sentence_and_exits_non_zero(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "scale=0.5", f"run_dir={tmp_path}/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: scale=0.5 must be a number >= 1" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()

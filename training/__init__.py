@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its recipe, and the train(cfg) entry point."""

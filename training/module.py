@@ -1,0 +1,120 @@
+"""The LightningModule: next-token training of a Llama with the paper's recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from model import ModelArgs, build_model
+from model.checkpoints import PROJECT_KEY, project_payload
+
+from .loss import next_token_nll
+from .schedule import warmup_then
+
+
+class TokenPerplexity(Metric):
+    """exp of the token-weighted mean negative log-likelihood; sums synchronise across processes."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: Tensor, tokens: int) -> None:
+        self.nll += nll_sum.detach().double()
+        self.tokens += tokens
+
+    def compute(self) -> Tensor:
+        return torch.exp(self.nll / self.tokens.clamp(min=1)).float()
+
+
+class CausalLMTask(L.LightningModule):
+    """Holds the model and the recipe; everything it is built from is plain data, so the
+    checkpoint's hyper-parameters rebuild it exactly (no nn.Module in save_hyperparameters)."""
+
+    def __init__(
+        self,
+        model_args: Mapping[str, Any],
+        position: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        tokenizer_path: str | None = None,
+        loss_chunk_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.args = ModelArgs.from_dict(dict(model_args))
+        self.position_config = dict(position)
+        self.optim_config = dict(optim)
+        self.tokenizer_path = tokenizer_path
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.model = build_model(self.args, self.position_config)
+        self.train_ppl = TokenPerplexity()
+        self.val_ppl = TokenPerplexity()
+
+    # --- steps ------------------------------------------------------------------------------
+    def _nll(self, batch: Tensor) -> tuple[Tensor, int]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        hidden = self.model.hidden_states(inputs)
+        return next_token_nll(hidden, self.model.output.weight, targets, self.loss_chunk_tokens), targets.numel()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        nll, tokens = self._nll(batch)
+        loss = nll / tokens
+        self.train_ppl.update(nll, tokens)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("train/ppl", self.train_ppl, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        nll, tokens = self._nll(batch)
+        self.val_ppl.update(nll, tokens)
+        self.log("val/loss", nll / tokens, prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        ppl = self.val_ppl.compute()
+        self.log("val/ppl", ppl, prog_bar=True)
+        self.val_ppl.reset()
+
+    # --- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_config
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                # Norm gains and the learned position table are not weight-decayed.
+                (no_decay if param.ndim < 2 or name.startswith("position.") else decay).append(param)
+        fused = cfg.get("fused")
+        if fused is None:
+            fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"],
+            betas=tuple(cfg["betas"]),
+            eps=cfg["eps"],
+            fused=fused,
+        )
+        max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else cfg["max_steps"]
+        multiplier = warmup_then(
+            cfg["schedule"], cfg["warmup_steps"], cfg["warmup_start_ratio"], max_steps, cfg.get("min_lr_ratio", 0.0)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        tokenizer = Path(self.tokenizer_path) if self.tokenizer_path else None
+        checkpoint[PROJECT_KEY] = project_payload(self.args, self.position_config, tokenizer)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM's formula 6N + 12*L*H*Q*T; N counts every matmul weight,
+        the untied output head included, but not the input embedding (a lookup, not a matmul)."""
+        a = self.args
+        return 6 * self.model.num_parameters(exclude_embeddings=True) + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len

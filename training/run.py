@@ -1,0 +1,279 @@
+"""train(cfg): one pretraining or fine-tuning run from a composed Hydra config."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from data import TextDataModule
+from model.checkpoints import CheckpointError, Pretrained, load_into, load_pretrained
+
+from .callbacks import Throughput, measured_matmul_peak
+from .config import PROJECT_TRAINER_KEYS, ConfigError, model_args_from_config, validate
+from .memory import AtomicCheckpointIO, apply_activation_checkpointing, compile_blocks
+from .module import CausalLMTask
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class RunResult:
+    stage: str
+    run_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    metrics: dict[str, float]
+
+
+def train(cfg: DictConfig) -> RunResult:
+    """Pretrain (stage=pretrain) or extend the window of (stage=finetune) a model, as `cfg` says."""
+    stage = validate(cfg)
+    run_dir = _run_dir(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    recipe = cfg.optim[stage]
+    log.info("stage=%s position=%s scale=%g run_dir=%s", stage, cfg.position.kind, cfg.scale, run_dir)
+
+    init = cfg.init
+    if stage == "finetune" and init is None and cfg.resume is None:
+        init = str(bundled_base(cfg, run_dir))
+    pretrained = _load_init(init) if init is not None else None
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    if pretrained is not None and data_cfg.get("tokenizer") is None and pretrained.tokenizer_path is not None:
+        data_cfg["tokenizer"] = str(pretrained.tokenizer_path)  # the checkpoint's own vocabulary
+    args = pretrained.args if pretrained is not None else None
+    base_window = args.max_seq_len if args is not None else int(cfg.model.max_seq_len)
+    seq_len = int(cfg.seq_len or round(base_window * float(cfg.scale)))
+    data_cfg["batch_size"] = int(recipe.batch_size)
+    datamodule = TextDataModule(**data_cfg, seq_len=seq_len, seed=int(cfg.seed))
+    tokenizer = datamodule.tokenizer
+    if args is None:
+        args = model_args_from_config(cfg.model, tokenizer.vocab_size)
+    elif OmegaConf.to_container(cfg.model) != OmegaConf.to_container(OmegaConf.create(args.to_dict())):
+        log.info("the model shape comes from init=%s; the model= config group is not used", init)
+    if args.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only {args.vocab_size}; "
+            "use the tokenizer the model was trained with (data.tokenizer=...)."
+        )
+
+    position = OmegaConf.to_container(cfg.position, resolve=True)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    levers = {key: trainer_cfg.pop(key) for key in PROJECT_TRAINER_KEYS}
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    optim_for_stage = {**{k: v for k, v in optim.items() if k not in ("pretrain", "finetune")}, **optim[stage]}
+    task = CausalLMTask(
+        model_args=args.to_dict(),
+        position=position,
+        optim=optim_for_stage,
+        tokenizer_path=str(tokenizer.path),
+        loss_chunk_tokens=int(levers["loss_chunk_tokens"]),
+    )
+    if pretrained is not None:
+        _load_weights(task, pretrained)
+    apply_activation_checkpointing(task.model, levers["activation_checkpointing"])
+    if levers["compile"]:
+        compile_blocks(task.model)
+
+    trainer = _trainer(trainer_cfg, levers, task, run_dir, int(recipe.max_steps), seq_len, int(recipe.batch_size), cfg)
+    started = time.perf_counter()
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.resume)
+    elapsed = time.perf_counter() - started
+
+    checkpoints = run_dir / "checkpoints"
+    # ModelCheckpoint saves "last" after validation; a run that stops at max_steps between two
+    # validations would otherwise leave a "last" that is not the last step.
+    trainer.save_checkpoint(checkpoints / "last.ckpt")
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    result = RunResult(stage, run_dir, checkpoints / "last.ckpt", Path(best) if best else None, metrics)
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(
+            json.dumps({"stage": stage, "seconds": elapsed, "seq_len": seq_len, "metrics": metrics, "init": init,
+                        "last": str(result.last_checkpoint), "best": best}, indent=2)
+        )
+        log.info("checkpoints: %s (last), %s (best)", result.last_checkpoint, best or "-")
+        log.info("metrics: %s", run_dir / "metrics.csv")
+        log.info("done in %.0f s: %s", elapsed, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        if stage == "pretrain" and cfg.init is None and cfg.register_base and _is_default_base(cfg):
+            _register_base(cfg, result.last_checkpoint)
+    return result
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    if cfg.run_dir is not None:
+        path = Path(str(cfg.run_dir))
+    else:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            path = Path(HydraConfig.get().runtime.output_dir)
+        except ValueError:  # composed outside @hydra.main (tests, notebooks)
+            path = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load_init(init: str) -> Pretrained:
+    try:
+        return load_pretrained(init)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _load_weights(task: CausalLMTask, pretrained: Pretrained) -> None:
+    """Copy pretrained weights in; a position table the base did not have starts fresh (and is said so)."""
+    state = dict(pretrained.state_dict)
+    own = task.model.state_dict()
+    fresh = sorted(k for k in own if k.startswith("position.") and k not in state)
+    dropped = sorted(k for k in state if k.startswith("position.") and k not in own)
+    for key in dropped:
+        state.pop(key)
+    if fresh or dropped:
+        log.warning("position encoding changed from %s to %s: new %s, dropped %s",
+                    pretrained.position.get("kind"), task.position_config["kind"], fresh or "-", dropped or "-")
+    try:
+        load_into(task.model, {**{k: own[k] for k in fresh}, **state}, strict=True)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _trainer(
+    trainer_cfg: dict[str, Any],
+    levers: dict[str, Any],
+    task: CausalLMTask,
+    run_dir: Path,
+    max_steps: int,
+    seq_len: int,
+    batch_size: int,
+    cfg: DictConfig,
+) -> L.Trainer:
+    checkpointing = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    peak = levers["peak_tflops"] * 1e12 if levers["peak_tflops"] else None
+    if peak is None and trainer_cfg["accelerator"] in ("gpu", "cuda") and torch.cuda.is_available():
+        peak = measured_matmul_peak(torch.device("cuda"))
+        log.info("MFU denominator: measured bf16 matmul peak %.0f TFLOP/s", peak / 1e12)
+    tokens_per_step = seq_len * batch_size * int(trainer_cfg.get("accumulate_grad_batches", 1))
+    callbacks: list[L.Callback] = [
+        checkpointing,
+        Throughput(tokens_per_step, task.flops_per_token(seq_len), peak, every=int(trainer_cfg["log_every_n_steps"])),
+    ]
+    if cfg.eval.every_n_steps:
+        from evaluation.callback import ExtensionEvalCallback  # noqa: PLC0415 (optional dependency on evaluation/)
+
+        windows = list(cfg.eval.windows or sorted({task.args.max_seq_len, seq_len}))
+        callbacks.append(ExtensionEvalCallback(every_n_steps=int(cfg.eval.every_n_steps), windows=windows,
+                                               max_documents=int(cfg.eval.max_documents),
+                                               passkey_trials=int(cfg.eval.passkey_trials),
+                                               out_path=run_dir / "eval_by_step.json"))
+    loggers: list[Any] = [CSVLogger(run_dir, name="", version="")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+    strategy = _strategy(trainer_cfg.pop("strategy"), levers)
+    val_every = min(int(trainer_cfg.pop("val_check_interval")), max_steps)
+    return L.Trainer(
+        **trainer_cfg,
+        strategy=strategy,
+        max_steps=max_steps,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None,  # validate by steps, across epoch boundaries
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()] if strategy in ("auto", "ddp") else None,
+        default_root_dir=run_dir,
+    )
+
+
+def _strategy(name: str, levers: dict[str, Any]) -> Any:
+    """Strategy names from conf/trainer; FSDP wraps each transformer block as one unit."""
+    if name != "fsdp":
+        return name
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from model.llama import Block
+
+    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded", sharding_strategy="FULL_SHARD")
+
+
+# ----------------------------------------------------------------------------- the bundled base
+
+
+def _cache_dir(cfg: DictConfig) -> Path:
+    root = cfg.data.get("cache_dir") or os.environ.get("PI_LLAMA_CACHE") or Path.home() / ".cache" / "pi_llama"
+    return Path(root)
+
+
+def _base_key(cfg: DictConfig) -> str:
+    """The bundled base is identified by the model shape and the data it is trained on."""
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir")}
+    blob = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "data": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def base_path(cfg: DictConfig) -> Path:
+    return _cache_dir(cfg) / "base" / f"base-{_base_key(cfg)}.ckpt"
+
+
+def _is_default_base(cfg: DictConfig) -> bool:
+    return cfg.position.kind == "rope" and float(cfg.scale) == 1 and cfg.seq_len in (None, cfg.model.max_seq_len)
+
+
+def _register_base(cfg: DictConfig, checkpoint: Path) -> None:
+    target = base_path(cfg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    shutil.copyfile(checkpoint, tmp)
+    os.replace(tmp, target)
+    log.info("registered as the bundled base for this model and data: %s (fine-tunes with init=null start here)", target)
+
+
+def bundled_base(cfg: DictConfig, run_dir: Path) -> Path:
+    """The cached base for cfg's model and data; pretrained first (same model, data and seed) if missing."""
+    path = base_path(cfg)
+    if path.exists():
+        log.info("fine-tuning the bundled base %s (pass init=... to start from another checkpoint)", path)
+        return path
+    log.warning("no bundled base at %s yet: pretraining it first at the base window "
+                "(the same as running `python train.py` with this model and data); it is cached for later runs", path)
+    base_cfg = cfg.copy()
+    with open_dict(base_cfg):
+        base_cfg.stage = "pretrain"
+        base_cfg.scale = 1.0
+        base_cfg.seq_len = None
+        base_cfg.position = {"kind": "rope", "scale": 1.0, "theta": None}
+        base_cfg.init = None
+        base_cfg.resume = None
+        base_cfg.register_base = True
+        base_cfg.eval.every_n_steps = 0
+        base_cfg.run_dir = str(run_dir / "base_pretrain")
+    train(base_cfg)
+    if not path.exists():
+        raise ConfigError(f"pretraining the bundled base did not produce {path}; run `python train.py` and check its log.")
+    return path
