@@ -211,7 +211,9 @@ class TextDataModule(L.LightningDataModule):
     def _resolve_tokenizer(self) -> Tokenizer:
         """Load the configured tokenizer, or load/train the project's own on the train split."""
         if self.tokenizer_path is not None:
-            tok = Tokenizer.load(self.tokenizer_path)
+            from data.tiktoken_tokenizer import load_tokenizer  # sentencepiece, or LLaMA 3's tiktoken file
+
+            tok = load_tokenizer(self.tokenizer_path)
             log.info("using tokenizer %s (%d pieces, fingerprint %s)", tok.path, tok.vocab_size, tok.fingerprint)
             return tok
         material = {"recipe": TOKENIZER_RECIPE, "source": self._source_identity(), "vocab_size": self.vocab_size}

@@ -4,6 +4,15 @@
 its position config, a state dict in the project's names and layout, and the tokenizer file
 that belongs to it. Every load is safe: safetensors, or torch.load(weights_only=True).
 
+Formats (see model/meta.py and model/hf.py for the readers and writers):
+    project  a Lightning checkpoint file of this project (below)
+    meta     a folder with consolidated.NN.pth model-parallel shards and params.json
+    hf       a folder with config.json and model*.safetensors or pytorch_model*.bin (+ index)
+
+Memory: tensors are read lazily (torch.load with mmap, safetensors one tensor at a time) and
+cast straight to the requested dtype, and models are built on the meta device and take the
+loaded tensors as they are (assign=True), so a checkpoint is never held twice.
+
 The project's own checkpoints are Lightning checkpoints (also plain torch files) holding
     state_dict: {"model.<name>": tensor}   (the LightningModule's)
     pi_llama:   {"model_args": {...}, "position": {...}, "tokenizer_model": bytes | None, "format": 1}
@@ -13,9 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
+import re
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,14 +57,91 @@ class Pretrained:
     source_format: str = "project"
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def build_model(self, position: Mapping[str, Any] | None = None, strict: bool = True) -> Llama:
-        """The model with these weights, read with the stored position encoding or with `position`."""
+    def build_model(
+        self, position: Mapping[str, Any] | None = None, strict: bool = True, dtype: str | torch.dtype | None = None
+    ) -> Llama:
+        """The model with these weights, read with the stored position encoding or with `position`.
+
+        The model's parameters are this object's tensors (no copy); with `dtype` they are cast
+        first, replacing the stored tensors so that the old precision is not kept alive too.
+        """
         from . import build_position  # late import: model/__init__ imports this module's siblings
 
+        cast_state_dict(self.state_dict, dtype)
         with torch.device("meta"):
             model = Llama(self.args, build_position(self.args, position or self.position))
         load_into(model, self.state_dict, strict=strict)
         return model
+
+    def validate(self) -> None:
+        """Check, without building anything real, that the state dict has exactly the model's tensors and shapes."""
+        from . import build_position
+
+        source = self.extra.get("path") or f"the {self.source_format} checkpoint"
+        with torch.device("meta"):
+            expected = Llama(self.args, build_position(self.args, self.position)).state_dict()
+        missing = [name for name in expected if name not in self.state_dict]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(
+                f"{source} lacks tensor {missing[0]}{more} that the model in its config needs; the checkpoint is incomplete, so copy every file again."
+            )
+        unexpected = [name for name in self.state_dict if name not in expected]
+        if unexpected:
+            raise CheckpointError(
+                f"{source} has tensor {unexpected[0]} that the model its config describes does not have; the config does not belong to these weights."
+            )
+        for name, tensor in self.state_dict.items():
+            if name == "position.table":
+                continue  # a learned table of another length is resampled when loaded (load_into)
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise CheckpointError(
+                    f"tensor {name} has shape {tuple(tensor.shape)} in {source} but the model its config describes needs "
+                    f"{tuple(expected[name].shape)}; the config does not belong to these weights."
+                )
+
+    @classmethod
+    def from_model(
+        cls, model: Llama, position: Mapping[str, Any], tokenizer_path: str | os.PathLike | None = None
+    ) -> "Pretrained":
+        """Wrap a live model (sharing its tensors) so it can be exported like a loaded checkpoint."""
+        state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+        return cls(model.args, dict(position), state, Path(tokenizer_path) if tokenizer_path else None, "model")
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a name such as "bfloat16" (None stays None: keep what the file stores)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise CheckpointError(f"dtype {dtype!r} is not supported for weights; choose float32, bfloat16 or float16.")
+
+
+def cast_tensor(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """`tensor` in `dtype` (floating tensors only; the same object when nothing changes)."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
+
+def cast_state_dict(state: dict[str, Tensor], dtype: str | torch.dtype | None) -> None:
+    """Cast every tensor of `state` in place, one at a time, so at most one extra tensor is alive."""
+    dtype = resolve_dtype(dtype)
+    for name in list(state):
+        state[name] = cast_tensor(state[name], dtype)
 
 
 def load_into(model: Llama, state: Mapping[str, Tensor], strict: bool = True) -> None:
@@ -89,19 +178,33 @@ def load_into(model: Llama, state: Mapping[str, Tensor], strict: bool = True) ->
                 module.register_buffer(name, torch.empty(0, *buffer.shape[1:]), persistent=False)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def safe_torch_load(path: Path) -> Any:
-    """torch.load restricted to tensors and plain data; anything that would run code is refused."""
+    """torch.load restricted to tensors and plain data; anything that would run code is refused.
+
+    Zip-format files are memory-mapped, so their tensors cost no memory until they are read.
+    """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a saved checkpoint file.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except pickle.UnpicklingError as error:
+    except Exception as error:  # torch raises anything from KeyError to RuntimeError on a damaged file
+        message = _ANSI.sub("", str(error))
+        if "Weights only load failed" in message:
+            found = _UNSAFE_GLOBAL.search(message)
+            what = f"a pickled reference to {found.group(1)}" if found else "pickled Python objects"
+            raise CheckpointError(
+                f"{path} holds {what}, which could run code when unpickled, so it is refused; "
+                "re-save the tensors with safetensors or with torch.save of a plain dict of tensors."
+            ) from None
+        first_line = message.strip().splitlines()[0][:160] if message.strip() else type(error).__name__
         raise CheckpointError(
-            f"{path} holds Python objects that could run code when unpickled ({str(error).splitlines()[0][:200]}); "
-            "refusing to load it. Re-save its tensors with safetensors or torch.save of a plain state dict."
+            f"{path} is not a readable torch checkpoint ({first_line}); the file is truncated or corrupt, so copy it again."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {str(error).splitlines()[0][:200]}") from None
 
 
 def _is_zip(path: Path) -> bool:
@@ -119,12 +222,23 @@ def project_payload(args: ModelArgs, position: Mapping[str, Any], tokenizer_path
     }
 
 
-def load_project_checkpoint(path: Path) -> Pretrained:
+def load_project_checkpoint(path: Path, dtype: str | torch.dtype | None = None) -> Pretrained:
+    """A Lightning checkpoint of this project, its tensors cast to `dtype` if given."""
     checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict) or PROJECT_KEY not in checkpoint:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no {PROJECT_KEY!r} entry).")
-    meta = checkpoint[PROJECT_KEY]
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        hint = ""
+        if isinstance(checkpoint, dict) and "tok_embeddings.weight" in checkpoint:
+            hint = "; it looks like a Meta consolidated shard, so pass the folder that holds it and params.json"
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no {PROJECT_KEY!r} entry){hint}.")
+    meta = checkpoint.pop(PROJECT_KEY)
+    global_step = checkpoint.get("global_step")
+    dtype = resolve_dtype(dtype)
+    # Optimizer states and the like are dropped at once: only the model's tensors stay referenced.
+    full_state = checkpoint.pop("state_dict", None)
+    checkpoint.clear()
+    if not isinstance(full_state, dict):
+        raise CheckpointError(f"{path} has no 'state_dict' of tensors; it was not written by this project's trainer.")
+    state = {k.removeprefix("model."): cast_tensor(full_state.pop(k), dtype) for k in list(full_state) if k.startswith("model.")}
     tokenizer_path = _materialise_tokenizer(meta.get("tokenizer_model"))
     return Pretrained(
         args=ModelArgs.from_dict(meta["model_args"]),
@@ -132,7 +246,7 @@ def load_project_checkpoint(path: Path) -> Pretrained:
         state_dict=state,
         tokenizer_path=tokenizer_path,
         source_format="project",
-        extra={"global_step": checkpoint.get("global_step"), "path": str(path)},
+        extra={"global_step": global_step, "path": str(path)},
     )
 
 
@@ -163,9 +277,187 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def load_pretrained(path: str | os.PathLike) -> Pretrained:
-    """Load a checkpoint of any supported format (detected from what the path holds)."""
+@contextmanager
+def atomic_directory(destination: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `destination` that becomes `destination` only if the block succeeds.
+
+    On any error the temporary folder (and any parent folder made for it) is removed, so a
+    failed export leaves nothing behind. A non-empty destination is replaced only with `force`.
+    """
+    destination = Path(destination).expanduser().absolute()
+    if destination.exists() and not destination.is_dir():
+        raise CheckpointError(f"destination {destination} is a file; name a folder to write the checkpoint into.")
+    if destination.is_dir() and any(destination.iterdir()) and not force:
+        raise CheckpointError(f"destination {destination} is not empty; choose a new folder or pass --force to replace it.")
+    made_parents = [parent for parent in destination.parents if not parent.exists()]
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the usual permissions
+        if destination.exists():
+            retired = staging.with_suffix(".replaced")
+            os.replace(destination, retired)
+            try:
+                os.replace(staging, destination)
+            except BaseException:
+                os.replace(retired, destination)
+                raise
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in made_parents:  # innermost first
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder` to disk before the rename publishes it."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+# A tiktoken BPE file (LLaMA 3's tokenizer.model) is lines of "<base64 token> <rank>".
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+\r?$")
+# LLaMA 3 appends 256 special tokens after the BPE ranks: <|begin_of_text|> first, <|end_of_text|> next.
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+# Rows a model's embedding table may have beyond its tokenizer's vocabulary: some checkpoints
+# round the table up (to a multiple of 64 or 128) or add a pad token. More means another tokenizer.
+VOCAB_PADDING_ALLOWED = 256
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What a tokenizer file says about the vocabulary, read without loading a tokenizer library."""
+
+    path: Path
+    kind: str  # "sentencepiece" or "tiktoken"
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+
+def tokenizer_info(path: str | os.PathLike) -> TokenizerInfo:
+    """Vocabulary size and BOS/EOS ids of a sentencepiece or tiktoken (LLaMA 3) tokenizer.model."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"cannot read tokenizer {path} ({error.strerror}); check the file.") from None
+    if _TIKTOKEN_LINE.match(data[:4096].split(b"\n", 1)[0]):
+        ranks = sum(1 for line in data.splitlines() if line.strip())
+        return TokenizerInfo(path, "tiktoken", ranks + LLAMA3_NUM_SPECIAL_TOKENS, ranks, ranks + 1)
+    import sentencepiece
+
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_proto=data)
+    except Exception:
+        raise CheckpointError(
+            f"{path} is neither a sentencepiece model nor a tiktoken BPE file; put the tokenizer.model that came with the weights there."
+        ) from None
+    return TokenizerInfo(path, "sentencepiece", processor.get_piece_size(), processor.bos_id(), processor.eos_id())
+
+
+def check_tokenizer(args: ModelArgs, tokenizer: Any) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's vocabulary (a path, TokenizerInfo or tokenizer object)."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = tokenizer_info(tokenizer)
+    name = getattr(tokenizer, "path", None) or type(tokenizer).__name__
+    vocab = int(tokenizer.vocab_size)
+    if vocab > args.vocab_size:
+        raise CheckpointError(
+            f"tokenizer {name} has {vocab} tokens but the model's embedding table tok_embeddings.weight has only "
+            f"{args.vocab_size} rows; use the tokenizer the weights were trained with."
+        )
+    if args.vocab_size - vocab > VOCAB_PADDING_ALLOWED:
+        raise CheckpointError(
+            f"tokenizer {name} has {vocab} tokens but the model's embedding table tok_embeddings.weight has "
+            f"{args.vocab_size} rows, so the two were made for different vocabularies; use the tokenizer the weights were trained with."
+        )
+    for label in ("bos_id", "eos_id"):
+        token_id = int(getattr(tokenizer, label, -1))
+        if token_id >= args.vocab_size:
+            raise CheckpointError(
+                f"tokenizer {name} has {label}={token_id}, beyond the model's {args.vocab_size}-row embedding table; "
+                "use the tokenizer the weights were trained with."
+            )
+
+
+# ----------------------------------------------------------------------------- detection
+
+META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
+_HF_FILE = re.compile(r"^(config\.json|model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?)$")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """"project", "meta" or "hf", judged from the files the path names or holds."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist; check init=/ckpt= (absolute paths are safest).")
-    return load_project_checkpoint(path)
+        raise CheckpointError(f"checkpoint path {path} does not exist; check the path (absolute paths are safest).")
+    if path.is_file():
+        if META_SHARD.match(path.name) or path.name == "params.json":
+            return "meta"
+        if _HF_FILE.match(path.name):
+            return "hf"
+        return "project"
+    names = {child.name for child in path.iterdir()}
+    if "params.json" in names or any(META_SHARD.match(name) for name in names):
+        return "meta"
+    if any(_HF_FILE.match(name) for name in names):
+        return "hf"
+    raise CheckpointError(
+        f"{path} holds no checkpoint this project reads; expected a project .ckpt file, a Meta folder "
+        "(consolidated.00.pth + params.json) or an HF folder (config.json + model.safetensors)."
+    )
+
+
+def load_pretrained(
+    path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, max_seq_len: int | None = None
+) -> Pretrained:
+    """Load a checkpoint of any supported format (detected from what the path holds).
+
+    `dtype` casts every tensor as it is read (None keeps the stored precision); `max_seq_len`
+    overrides the window the weights were trained at, which Meta's params.json does not record.
+    """
+    path = Path(path).expanduser()
+    kind = detect_format(path)
+    dtype = resolve_dtype(dtype)
+    folder = path if path.is_dir() else path.parent
+    if kind == "meta":
+        from .meta import load_meta  # late imports: both modules import this one
+
+        return load_meta(folder, dtype=dtype, max_seq_len=max_seq_len)
+    if kind == "hf":
+        from .hf import load_hf
+
+        pretrained = load_hf(folder, dtype=dtype)
+    else:
+        pretrained = load_project_checkpoint(path, dtype)
+    if max_seq_len is not None:
+        try:
+            pretrained.args = pretrained.args.with_(max_seq_len=int(max_seq_len))
+        except ValueError as error:
+            raise CheckpointError(f"max_seq_len override rejected: {error}") from None
+    pretrained.validate()
+    return pretrained

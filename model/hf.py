@@ -1,16 +1,33 @@
-"""The HF transformers layout: parameter names and config.json, both directions.
+"""The HF transformers layout: parameter names and config.json, both directions, and HF folders.
 
 The project already uses HF's half-split rotary layout, so the map is a pure renaming.
+An HF folder holds config.json and the weights as model.safetensors, as safetensors shards
+listed in model.safetensors.index.json, or as pytorch_model*.bin (+ index) from older saves.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor
 
 from .args import ModelArgs
+from .checkpoints import (
+    CheckpointError,
+    Pretrained,
+    cast_tensor,
+    check_tokenizer,
+    resolve_dtype,
+    safe_torch_load,
+    tokenizer_info,
+)
 
 # project name -> HF name; "{i}" is the layer index.
 _LAYER_MAP = {
@@ -180,3 +197,149 @@ def from_hf_config(config: Mapping[str, Any]) -> tuple[ModelArgs, dict[str, Any]
         max_seq_len=window,
     )
     return args, position
+
+
+# ----------------------------------------------------------------------------- folders
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # HF's own default shard size
+
+
+def hf_weight_files(folder: Path) -> list[Path]:
+    """The weight files of an HF folder, in the order its index lists them."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{index} is not a valid weight index (no 'weight_map'); copy it again from the original download.") from None
+            files = list(dict.fromkeys(weight_map.values()))
+            for name in files:
+                if not (folder / name).is_file():
+                    raise CheckpointError(f"{index} lists shard {name} but {folder / name} does not exist; copy every shard of the checkpoint.")
+            return [folder / name for name in files]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CheckpointError(
+        f"{folder} has no weights: expected model.safetensors, model.safetensors.index.json with its shards, "
+        "or pytorch_model.bin; copy the weight files next to config.json."
+    )
+
+
+def load_hf(folder: str | os.PathLike, *, dtype: str | torch.dtype | None = None) -> Pretrained:
+    """An HF LlamaForCausalLM folder as a Pretrained in the project's names (tensors cast to `dtype` as they are read)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; copy the config.json that came with the HF weights into that folder.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_path} is not readable JSON ({error}); copy it again from the original download.") from None
+    _check_llama_config(config, config_path)
+    try:
+        args, position = from_hf_config(config)
+    except (KeyError, TypeError, ValueError) as error:
+        detail = f"it lacks {error}" if isinstance(error, KeyError) else str(error).rstrip(".")
+        raise CheckpointError(f"{config_path} does not describe a LLaMA this project can build: {detail}.") from None
+    dtype = resolve_dtype(dtype)
+    state: dict[str, Tensor] = {}
+    for path in hf_weight_files(folder):
+        for hf_name, tensor in _read_weights(path):
+            try:
+                name = from_hf_name(hf_name)
+            except KeyError as error:
+                raise CheckpointError(f"{path}: {error.args[0]}") from None
+            if name is not None:
+                state[name] = cast_tensor(tensor, dtype)
+    tokenizer = folder / "tokenizer.model"
+    tokenizer_path = tokenizer if tokenizer.is_file() else None
+    if tokenizer_path is not None:
+        check_tokenizer(args, tokenizer_info(tokenizer_path))
+    return Pretrained(args, position, state, tokenizer_path, "hf", {"path": str(folder)})
+
+
+def _check_llama_config(config: Mapping[str, Any], path: Path) -> None:
+    """Refuse configs whose architecture differs from the project's LLaMA in ways the weights would hide."""
+    model_type = config.get("model_type", "llama")
+    if model_type != "llama":
+        raise CheckpointError(f"{path} describes a {model_type!r} model; only model_type 'llama' (LlamaForCausalLM) can be loaded.")
+    if config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{path} uses hidden_act={config['hidden_act']!r}; LLaMA's SwiGLU needs 'silu'.")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise CheckpointError(f"{path} sets {flag}=true; the project's LLaMA has no bias terms, so these weights cannot be loaded.")
+
+
+def _read_weights(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs of one weight file, read one tensor at a time."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+        except Exception as error:  # safetensors raises its own error types for a damaged file
+            raise CheckpointError(f"{path} is not a readable safetensors file ({str(error)[:160]}); the file is truncated or corrupt, so copy it again.") from None
+    else:
+        state = safe_torch_load(path)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} does not hold a dict of tensors; it is not an HF weight file.")
+        for name in list(state):
+            yield name, state.pop(name)  # popped so the file's dict stops referencing what was taken
+
+
+def save_hf(pretrained: Pretrained, folder: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write config.json, generation_config.json, model.safetensors (sharded above max_shard_bytes) and tokenizer.model."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    try:
+        config = to_hf_config(pretrained.args, pretrained.position)
+    except ValueError as error:
+        raise CheckpointError(f"cannot export to HF transformers: {str(error).rstrip('.')}.") from None
+    state = {}
+    for name, tensor in pretrained.state_dict.items():
+        try:
+            state[to_hf_name(name)] = tensor.detach().contiguous()
+        except KeyError as error:
+            raise CheckpointError(f"cannot export to HF transformers: {error.args[0].rstrip('.')}.") from None
+    if pretrained.tokenizer_path is not None:
+        tok = tokenizer_info(pretrained.tokenizer_path)
+        config["bos_token_id"], config["eos_token_id"] = tok.bos_id, tok.eos_id
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    if floating:
+        config["torch_dtype"] = str(floating[0]).removeprefix("torch.")
+    shards = _plan_shards(state, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(shards, start=1):
+        file_name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: state[name] for name in names}, str(folder / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file_name))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if pretrained.tokenizer_path is not None:
+        shutil.copyfile(pretrained.tokenizer_path, folder / "tokenizer.model")
+
+
+def _plan_shards(state: Mapping[str, Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy groups of tensors, in order, none over max_shard_bytes unless one tensor alone is."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
