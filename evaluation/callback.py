@@ -1,0 +1,144 @@
+"""Perplexity by window and passkey k_max every N fine-tuning steps: the paper's "by step" tables from one run.
+
+Uses `trainer.lightning_module.model` (a Llama) and `trainer.datamodule` (documents(split) and
+tokenizer). Rows go to the loggers and to `out_path` (a JSON list of rows, default
+<log_dir>/eval_by_step.json) with a CSV and a Markdown table beside it. Keep it cheap: a few
+short documents and a few passkey trials per distance.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from evaluation import report
+from evaluation.errors import EvaluationError
+from evaluation.limits import check_window, extended_window
+from evaluation.passkey import run_passkey
+from evaluation.perplexity import prepare_documents, sliding_window_perplexity
+
+log = logging.getLogger(__name__)
+
+
+class ExtensionEvalCallback(Callback):
+    """Evaluate sliding-window perplexity at several windows and passkey k_max every `every_n_steps` steps."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        windows: Sequence[int] = (256, 512, 1024, 2048),
+        stride: int = 256,
+        split: str = "validation",
+        max_documents: int | None = 2,
+        max_tokens_per_document: int | None = 4096,
+        batch_size: int = 4,
+        passkey_window: int | None = None,
+        passkey_positions: int = 8,
+        passkey_trials: int = 2,
+        at_start: bool = True,
+        out_path: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise EvaluationError(f"every_n_steps={every_n_steps} must be at least 1.")
+        if not windows or min(windows) < 2:
+            raise EvaluationError(f"windows={list(windows)} must be a non-empty list of lengths >= 2.")
+        self.every_n_steps, self.windows, self.stride, self.split = every_n_steps, list(windows), stride, split
+        self.max_documents, self.max_tokens_per_document, self.batch_size = max_documents, max_tokens_per_document, batch_size
+        self.passkey_window, self.passkey_positions, self.passkey_trials = passkey_window, passkey_positions, passkey_trials
+        self.at_start, self.out_path, self.seed = at_start, Path(out_path) if out_path else None, seed
+        self.rows: list[dict[str, Any]] = []
+        self._documents: list[np.ndarray] | None = None
+        self._last_step: int | None = None
+        self._passkey_skipped = False
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_start:  # step 0: the paper's "PI without fine-tuning" column
+            self._evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # global_step counts optimizer steps: with gradient accumulation it repeats across batches.
+        if trainer.global_step % self.every_n_steps == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluate(trainer, pl_module)  # the final step, whatever N divides
+
+    # -- work ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_model(self, model: torch.nn.Module, datamodule: Any, step: int) -> dict[str, Any]:
+        """One row: perplexity per window and passkey k_max for `model` now."""
+        if self._documents is None:
+            self._documents = prepare_documents(datamodule.documents(self.split), self.max_documents, self.max_tokens_per_document)
+        row: dict[str, Any] = {"step": step}
+        for window in self.windows:
+            check_window(model, window, f"the callback's ppl window {window}")
+            # Windows shorter than the paper's stride (tiny test models) are read as non-overlapping chunks.
+            stride = min(self.stride, window)
+            result = sliding_window_perplexity(model, self._documents, window, stride, self.batch_size)
+            row[f"ppl_{window}"] = result.ppl
+        if self.passkey_trials > 0 and not self._passkey_skipped:
+            window = self.passkey_window or extended_window(model)
+            check_window(model, window, f"the callback's passkey window {window}")
+            try:
+                passkey = run_passkey(model, datamodule.tokenizer, window, self.passkey_positions, self.passkey_trials, self.seed, batch_size=self.passkey_trials)
+            except EvaluationError as error:  # e.g. a window too short for the prompt: not worth stopping training
+                log.warning("passkey evaluation skipped for this run: %s", error)
+                self._passkey_skipped = True
+                return row
+            row["passkey_window"] = window
+            row["passkey_k_max"] = passkey.k_max
+            row["passkey_success"] = float(np.mean(passkey.success_rates))
+        return row
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step or trainer.sanity_checking:
+            return
+        self._last_step = step
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            # Run on every rank: a sharded (FSDP) forward needs all of them; only rank 0 writes.
+            with trainer.strategy.precision_plugin.forward_context():
+                row = self.evaluate_model(model, trainer.datamodule, step)
+        finally:
+            model.train(was_training)
+        self.rows.append(row)
+        metrics = {f"longctx/{k}": float(v) for k, v in row.items() if k != "step" and _finite(v)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if trainer.is_global_zero:
+            self._write(trainer)
+            log.info("long-context eval at step %d: %s", step, {k: round(v, 3) for k, v in metrics.items()})
+
+    def _write(self, trainer: L.Trainer) -> None:
+        path = self.out_path or Path(trainer.log_dir or trainer.default_root_dir) / "eval_by_step.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Rewritten whole after every evaluation (a few rows): the files are complete whenever training stops.
+        path.write_text(json.dumps(report.to_jsonable(self.rows), indent=1) + "\n")
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))  # the union: a skipped passkey leaves gaps
+        with path.with_suffix(".csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        path.with_suffix(".md").write_text(report.by_step_markdown(self.rows) + "\n")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

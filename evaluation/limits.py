@@ -1,0 +1,30 @@
+"""How long a context a model can read, checked before any long computation starts."""
+
+from __future__ import annotations
+
+from model import Llama, PositionEncoding
+from model.position import LearnedAbsolute
+
+from evaluation.errors import EvaluationError
+
+
+def readable_length(position: PositionEncoding) -> int | None:
+    """The most positions `position` can encode; None when any length can be read (rotary, sinusoidal, none)."""
+    if isinstance(position, LearnedAbsolute):
+        return position.length
+    return None
+
+
+def extended_window(model: Llama) -> int:
+    """The window the model is meant to read: the base window times the position scale (PI's L')."""
+    return max(1, round(model.args.max_seq_len * model.position.scale))
+
+
+def check_window(model: Llama, length: int, what: str) -> None:
+    """Raise one clear EvaluationError when `length` tokens do not fit the model's position encoding."""
+    limit = readable_length(model.position)
+    if limit is not None and length > limit:
+        raise EvaluationError(
+            f"{what} needs {length} positions but the model's learned absolute position table has only {limit}; "
+            f"lower the window or read the model with a larger scale (e.g. position=absolute scale={length / model.args.max_seq_len:g})."
+        )

@@ -1,0 +1,228 @@
+"""Passkey retrieval, the paper's measure of the effective context window.
+
+The prompt is built from separately tokenized pieces (instruction, filler, key line, filler,
+question), so its token layout is known exactly: the filler is repeated, and cut at a token
+boundary for the remainder, until the key sits exactly k tokens from the end and the prompt
+plus the answer fill the window. k is the distance from the key's first token (its first
+occurrence in "The pass key is 12345. Remember it. 12345 is the pass key.") to the end of
+the prompt.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from evaluation.errors import EvaluationError
+
+INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+DEFAULT_THRESHOLD = 0.2  # the paper: every k' <= k_max retrieves the key in at least 20% of trials
+
+
+class TokenizerLike(Protocol):
+    """The part of data.tokenizer.Tokenizer the prompt needs."""
+
+    bos_id: int
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """Prompt tokens with the key's first token at index key_index."""
+
+    tokens: list[int]
+    key: str
+    key_index: int
+
+    @property
+    def distance(self) -> int:
+        """k: tokens from the key's first token to the end of the prompt."""
+        return len(self.tokens) - self.key_index
+
+
+class PasskeyPrompter:
+    """Builds passkey prompts of an exact length with the key at an exact distance from the end."""
+
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self.tokenizer = tokenizer
+        self.head = [tokenizer.bos_id, *tokenizer.encode(INSTRUCTION, bos=False)]
+        self.filler = tokenizer.encode(FILLER, bos=False)
+        self.question = tokenizer.encode(QUESTION, bos=False)
+
+    def _key_line(self, key: str) -> tuple[list[int], int]:
+        """Tokens of the key line and the index of the token that holds the key's first digit."""
+        line = KEY_LINE.format(key=key)
+        tokens = self.tokenizer.encode(line, bos=False)
+        offset = line.index(key)
+        # Decoded prefixes align with the text (the dummy-prefix space is dropped by decode):
+        # the first token whose prefix reaches past `offset` holds the key's first character.
+        for i in range(len(tokens)):
+            if len(self.tokenizer.decode(tokens[: i + 1])) > offset:
+                return tokens, i
+        raise EvaluationError(f"the tokenizer lost the key {key} in {line!r}; use a tokenizer that round-trips ASCII text.")
+
+    def answer_length(self, key: str) -> int:
+        """Tokens the model must generate to spell the key after "The pass key is"."""
+        return len(self.tokenizer.encode(key, bos=False))
+
+    def distance_range(self, length: int, key: str = "12345") -> tuple[int, int]:
+        """The smallest and largest k a prompt of `length` tokens can place the key at."""
+        line, at = self._key_line(key)
+        smallest = len(line) - at + len(self.question)
+        largest = length - len(self.head) - at
+        return smallest, largest
+
+    def build(self, key: str, distance: int, length: int) -> PasskeyPrompt:
+        """A prompt of exactly `length` tokens with `key` exactly `distance` tokens from its end."""
+        line, at = self._key_line(key)
+        smallest, largest = self.distance_range(length, key)
+        if not smallest <= distance <= largest:
+            raise EvaluationError(
+                f"a {length}-token passkey prompt can place the key {smallest} to {largest} tokens from the end, "
+                f"not {distance}; pick a distance in that range or a longer window."
+            )
+        after = distance - (len(line) - at) - len(self.question)
+        before = length - len(self.head) - at - distance
+        tokens = [
+            *self.head,
+            *self._filler(before),
+            *line,
+            *self._filler(after),
+            *self.question,
+        ]
+        return PasskeyPrompt(tokens=tokens, key=key, key_index=len(self.head) + before + at)
+
+    def _filler(self, n: int) -> list[int]:
+        """n filler tokens: whole repeats, then the first tokens of one more.
+
+        The cut repeat goes last because the piece after it (key line or question) starts a
+        new word: a cut can leave a word unfinished but never glues two words together.
+        """
+        repeats, rest = divmod(n, len(self.filler))
+        return self.filler * repeats + self.filler[:rest]
+
+
+def spread_distances(smallest: int, largest: int, count: int) -> list[int]:
+    """`count` distances spread uniformly over [smallest, largest] (fewer if the range is short)."""
+    if count < 1:
+        raise EvaluationError(f"passkey.num_positions={count} must be at least 1.")
+    if largest < smallest:
+        raise EvaluationError(f"the passkey window is too short: the key fits no closer than {smallest} tokens to the end.")
+    if count == 1:
+        return [largest]
+    return sorted({round(x) for x in np.linspace(smallest, largest, count)})
+
+
+def k_max(distances: Sequence[int], success_rates: Sequence[float], threshold: float = DEFAULT_THRESHOLD) -> int:
+    """The largest k such that every tested k' <= k succeeds in at least `threshold` of the trials (0 if none)."""
+    best = 0
+    for distance, rate in sorted(zip(distances, success_rates)):
+        if rate < threshold:
+            break
+        best = distance
+    return best
+
+
+@dataclass
+class PasskeyResult:
+    """A success grid (distances x trials) and the effective window it implies."""
+
+    window: int
+    prompt_length: int
+    distances: list[int]
+    successes: list[list[bool]]
+    threshold: float = DEFAULT_THRESHOLD
+    answers: list[list[str]] = field(default_factory=list)
+
+    @property
+    def success_rates(self) -> list[float]:
+        """The fraction of trials that returned the key, per distance."""
+        return [sum(row) / len(row) for row in self.successes]
+
+    @property
+    def k_max(self) -> int:
+        """The effective context window under the threshold rule."""
+        return k_max(self.distances, self.success_rates, self.threshold)
+
+    def to_dict(self) -> dict[str, object]:
+        """Every number and answer, for results.json."""
+        return {
+            "window": self.window,
+            "prompt_length": self.prompt_length,
+            "threshold": self.threshold,
+            "k_max": self.k_max,
+            "distances": self.distances,
+            "success_rates": self.success_rates,
+            "successes": self.successes,
+            "answers": self.answers,
+        }
+
+
+@torch.no_grad()
+def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Greedy decoding of n_new tokens for a batch of equal-length prompts (b, n), with the KV cache."""
+    batch, length = prompts.shape
+    cache = model.new_cache(batch, length + n_new)
+    hidden = model.hidden_states(prompts, cache)[:, -1:]
+    generated = []
+    for step in range(n_new):
+        next_token = model.output(hidden).argmax(-1)  # (b, 1)
+        generated.append(next_token)
+        if step + 1 < n_new:
+            hidden = model.hidden_states(next_token, cache)
+    return torch.cat(generated, dim=1)
+
+
+def run_passkey(
+    model: torch.nn.Module,
+    tokenizer: TokenizerLike,
+    window: int,
+    num_positions: int = 32,
+    trials: int = 10,
+    seed: int = 0,
+    batch_size: int = 10,
+    threshold: float = DEFAULT_THRESHOLD,
+    device: torch.device | str | None = None,
+) -> PasskeyResult:
+    """Run the protocol: `num_positions` distances up to the window, `trials` random 5-digit keys at each."""
+    if trials < 1 or batch_size < 1:
+        raise EvaluationError(f"passkey.trials={trials} and passkey.batch_size={batch_size} must be at least 1.")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    prompter = PasskeyPrompter(tokenizer)
+    rng = random.Random(seed)  # the same keys for every model, so rows of a table are comparable
+    keys = [[str(rng.randint(10000, 99999)) for _ in range(trials)] for _ in range(num_positions)]
+    # One answer budget for all keys keeps every prompt the same length (one batch shape).
+    n_answer = max(prompter.answer_length(k) for row in keys for k in row)
+    length = window - n_answer
+    # Keys may tokenize to different lengths: use the distances every key can reach.
+    ranges = [prompter.distance_range(length, k) for k in {k for row in keys for k in row}]
+    smallest, largest = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    distances = spread_distances(smallest, largest, num_positions)
+    successes, answers = [], []
+    for distance, row_keys in zip(distances, keys):
+        row_ok, row_text = [], []
+        for first in range(0, trials, batch_size):
+            batch_keys = row_keys[first : first + batch_size]
+            prompts = torch.tensor([prompter.build(k, distance, length).tokens for k in batch_keys], device=device)
+            continuations = greedy_continuations(model, prompts, n_answer)
+            for key, continuation in zip(batch_keys, continuations.tolist()):
+                text = tokenizer.decode(continuation).strip()
+                row_text.append(text)
+                row_ok.append(text.startswith(key))
+        successes.append(row_ok)
+        answers.append(row_text)
+    return PasskeyResult(window, length, distances, successes, threshold, answers)

@@ -1,0 +1,182 @@
+"""Sliding-window perplexity (Press et al. 2022), the protocol of the PI paper.
+
+Windows of `window` tokens start every `stride` tokens. The first window scores all of its
+tokens (each from the tokens before it); every later window scores only the tokens no earlier
+window scored, i.e. its last `stride` tokens, so each of them is read with at least
+window - stride tokens of left context. The output head is applied to the scored positions
+only, so memory is that of one batch of windows whatever the document or window length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from evaluation.errors import EvaluationError
+
+
+class Scorer(Protocol):
+    """What the protocol needs from a model: final hidden states and an output head (a Llama, or an HF adapter)."""
+
+    def hidden_states(self, tokens: Tensor) -> Tensor: ...
+
+    def output(self, hidden: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Span:
+    """One window tokens[start:end] of a document, whose targets score_from..end-1 are scored."""
+
+    start: int
+    end: int
+    score_from: int
+
+    @property
+    def n_scored(self) -> int:
+        """How many targets this window scores."""
+        return self.end - self.score_from
+
+
+def sliding_spans(n_tokens: int, window: int, stride: int) -> list[Span]:
+    """The windows of a document of n_tokens tokens; together they score tokens 1..n_tokens-1 once each."""
+    if window < 2:
+        raise EvaluationError(f"perplexity window={window} is too short; a window needs at least 2 tokens.")
+    if not 1 <= stride <= window:
+        raise EvaluationError(
+            f"stride={stride} must be between 1 and the window ({window}); a larger stride would skip tokens."
+        )
+    spans: list[Span] = []
+    start, scored_until = 0, 0
+    while scored_until < n_tokens:
+        end = min(start + window, n_tokens)
+        # The window's first token has no context inside the window, so it is never a target.
+        score_from = max(scored_until, start + 1)
+        if end > score_from:
+            spans.append(Span(start, end, score_from))
+        scored_until = end
+        start += stride
+    return spans
+
+
+@dataclass
+class PerplexityResult:
+    """Token-weighted negative log-likelihood over every scored token of every document."""
+
+    window: int
+    stride: int
+    nll: float  # summed, in nats
+    tokens: int
+    documents: int
+    per_document: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        """Mean negative log-likelihood per scored token, in nats."""
+        return self.nll / self.tokens if self.tokens else math.nan
+
+    @property
+    def ppl(self) -> float:
+        """exp(loss); inf rather than an OverflowError for a model that has fully broken down."""
+        if not self.tokens:
+            return math.nan
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    def to_dict(self) -> dict[str, object]:
+        """Every number, for results.json."""
+        return {
+            "window": self.window,
+            "stride": self.stride,
+            "ppl": self.ppl,
+            "loss": self.loss,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "per_document": self.per_document,
+        }
+
+
+def prepare_documents(
+    documents: Iterable[np.ndarray | Sequence[int]],
+    max_documents: int | None = None,
+    max_tokens_per_document: int | None = None,
+    min_tokens_per_document: int | None = None,
+) -> list[np.ndarray]:
+    """Keep documents of at least min_tokens (the paper's proof-pile >= 32768), cut to max_tokens, at most max_documents."""
+    for name, value in (
+        ("max_documents", max_documents),
+        ("max_tokens_per_document", max_tokens_per_document),
+        ("min_tokens_per_document", min_tokens_per_document),
+    ):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise EvaluationError(f"ppl.{name}={value!r} must be a positive integer or null.")
+    kept: list[np.ndarray] = []
+    for doc in documents:
+        doc = np.asarray(doc)
+        if min_tokens_per_document is not None and len(doc) < min_tokens_per_document:
+            continue
+        kept.append(doc[:max_tokens_per_document] if max_tokens_per_document else doc)
+        if max_documents is not None and len(kept) == max_documents:
+            break
+    return kept
+
+
+@torch.no_grad()
+def sliding_window_perplexity(
+    model: Scorer,
+    documents: Sequence[np.ndarray | Sequence[int]],
+    window: int,
+    stride: int = 256,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+) -> PerplexityResult:
+    """Perplexity of `model` on `documents` (token ids each) with the sliding-window protocol."""
+    if batch_size < 1:
+        raise EvaluationError(f"ppl.batch_size={batch_size} must be at least 1.")
+    device = torch.device(device) if device is not None else _device_of(model)
+    docs = [torch.as_tensor(np.asarray(d, dtype=np.int64)) for d in documents]
+    # Windows of the same shape from any document run as one batch.
+    groups: dict[tuple[int, int], list[tuple[int, Span]]] = defaultdict(list)
+    for index, doc in enumerate(docs):
+        for span in sliding_spans(len(doc), window, stride):
+            groups[(span.end - span.start, span.score_from - span.start)].append((index, span))
+    nll = np.zeros(len(docs), dtype=np.float64)
+    counts = np.zeros(len(docs), dtype=np.int64)
+    for (length, offset), members in sorted(groups.items()):
+        for first in range(0, len(members), batch_size):
+            batch = members[first : first + batch_size]
+            tokens = torch.stack([docs[i][s.start : s.end] for i, s in batch]).to(device)  # (b, length)
+            hidden = model.hidden_states(tokens)
+            # Position t predicts token t + 1: targets offset..length-1 are read from offset-1..length-2.
+            logits = model.output(hidden[:, offset - 1 : length - 1]).float()  # (b, n_scored, vocab)
+            targets = tokens[:, offset:]
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            per_window = losses.view(len(batch), -1).sum(-1).double().cpu().numpy()
+            for (i, span), value in zip(batch, per_window):
+                nll[i] += value
+                counts[i] += span.n_scored
+    per_document = [
+        {"tokens": int(n), "nll": float(s), "ppl": math.exp(min(s / n, 700)) if n else math.nan} for s, n in zip(nll, counts)
+    ]
+    return PerplexityResult(
+        window=window,
+        stride=stride,
+        nll=float(nll.sum()),
+        tokens=int(counts.sum()),
+        documents=len(docs),
+        per_document=per_document,
+    )
+
+
+def _device_of(model: object) -> torch.device:
+    parameters = getattr(model, "parameters", None)
+    if parameters is None:
+        return torch.device("cpu")
+    first = next(iter(parameters()), None)
+    return first.device if first is not None else torch.device("cpu")

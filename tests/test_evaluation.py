@@ -1,0 +1,322 @@
+"""The paper's measurements on tiny random models: sliding-window perplexity against a brute force
+and against HF transformers, the passkey prompt and k_max rule, the Figure-2 attention analysis."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from data.tokenizer import train_tokenizer
+from evaluation import (
+    EvaluationError,
+    PasskeyPrompter,
+    check_window,
+    fit_random_scores,
+    generate,
+    k_max,
+    query_key_coefficients,
+    run_passkey,
+    sliding_spans,
+    sliding_window_perplexity,
+)
+from evaluation import passkey as passkey_module
+from evaluation.attention import analyse_coefficients, inverse_frequencies, scores
+from evaluation.passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION, greedy_continuations
+from evaluation.perplexity import prepare_documents
+from model.position import apply_rotation
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A 320-piece BPE tokenizer trained in milliseconds on the passkey prompt's words."""
+    rng = random.Random(0)
+    words = re.findall(r"[A-Za-z]+", " ".join([INSTRUCTION, FILLER, QUESTION, KEY_LINE]))
+    lines = [INSTRUCTION, FILLER, QUESTION] + [KEY_LINE.format(key=rng.randint(10000, 99999)) for _ in range(50)]
+    lines += [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(500)]
+    return train_tokenizer(["\n".join(lines)], tmp_path_factory.mktemp("tok") / "tiny.model", VOCAB)
+
+
+def _documents(lengths, vocab=101, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n) for n in lengths]
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+@pytest.mark.parametrize("n_tokens", [0, 1, 2, 5, 16, 17, 40, 41, 100])
+@pytest.mark.parametrize("window, stride", [(16, 4), (16, 16), (16, 5), (8, 1)])
+def test_spans_score_every_token_after_the_first_exactly_once(n_tokens, window, stride):
+    scored = [t for s in sliding_spans(n_tokens, window, stride) for t in range(s.score_from, s.end)]
+    expected = list(range(1, n_tokens)) if stride < window else [t for t in range(1, n_tokens) if t % window]
+    assert scored == expected
+    for span in sliding_spans(n_tokens, window, stride):
+        assert span.end - span.start <= window and span.start % stride == 0
+        if span.start > 0 and stride < window:
+            assert span.score_from - span.start >= window - stride  # at least window - stride tokens of context
+
+
+def _brute_force_nll(model, doc, window, stride):
+    """Each token scored by its own forward over the left context the protocol gives it."""
+    tokens = torch.as_tensor(doc)
+    total, count = 0.0, 0
+    for p in range(1, len(tokens)):
+        # Window k starts at k * stride and is the first to reach token p when k * stride + window > p.
+        start = 0 if p < window else ((p - window) // stride + 1) * stride
+        if start == p:  # a window's first token has no context inside it
+            continue
+        with torch.no_grad():
+            logits = model(tokens[None, start:p])[0, -1]
+        total += F.cross_entropy(logits[None].double(), tokens[p : p + 1]).item()
+        count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("position", [{"kind": "rope"}, {"kind": "pi", "scale": 4.0}, {"kind": "absolute", "scale": 4.0}], ids=lambda p: p["kind"])
+@pytest.mark.parametrize("window, stride", [(16, 4), (16, 16), (12, 5)])
+def test_sliding_window_perplexity_equals_brute_force(position, window, stride):
+    model = tiny_model(position)
+    docs = _documents([70, 9, 33, 2])  # longer than, shorter than and a multiple of the stride
+    result = sliding_window_perplexity(model, docs, window, stride, batch_size=3)
+    brute = [_brute_force_nll(model, d, window, stride) for d in docs]
+    assert result.tokens == sum(c for _, c in brute)
+    assert result.nll == pytest.approx(sum(n for n, _ in brute), rel=1e-5)
+    for per_doc, (nll, count) in zip(result.per_document, brute):
+        assert per_doc["tokens"] == count and per_doc["nll"] == pytest.approx(nll, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(sum(n for n, _ in brute) / result.tokens), rel=1e-5)
+
+
+def test_stride_equal_to_window_gives_non_overlapping_chunks():
+    model = tiny_model()
+    doc = _documents([64])[0]
+    result = sliding_window_perplexity(model, [doc], window=16, stride=16)
+    tokens = torch.as_tensor(doc).view(4, 16)  # four chunks, each its own training-style loss
+    with torch.no_grad():
+        logits = model(tokens)
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), tokens[:, 1:].flatten(), reduction="sum")
+    assert result.tokens == 4 * 15
+    assert result.nll == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_batching_does_not_change_the_result():
+    model = tiny_model({"kind": "pi", "scale": 2.0})
+    docs = _documents([90, 45, 61])
+    results = [sliding_window_perplexity(model, docs, 24, 8, batch_size=b).nll for b in (1, 2, 7)]
+    assert results[1] == pytest.approx(results[0], rel=1e-6) and results[2] == pytest.approx(results[0], rel=1e-6)
+
+
+def test_output_head_runs_on_scored_positions_only():
+    """Memory stays flat: the vocabulary projection sees at most batch x stride rows after the first window."""
+    model = tiny_model()
+    rows = []
+    model.output.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[:2]))
+    sliding_window_perplexity(model, _documents([200]), window=32, stride=8, batch_size=2)
+    assert rows[0] == (1, 31)  # the first window scores all its tokens
+    assert all(n == 8 and b <= 2 for b, n in rows[1:])
+    assert sum(b * n for b, n in rows) == 199
+
+
+def test_perplexity_matches_hf_transformers():
+    pytest.importorskip("transformers")
+    from hf_oracle import hf_twin
+
+    class HFScorer:
+        """HF's LlamaForCausalLM seen through the two calls the protocol makes."""
+
+        def __init__(self, hf):
+            self.hf = hf
+
+        def hidden_states(self, tokens):
+            return self.hf.model(input_ids=tokens).last_hidden_state
+
+        def output(self, hidden):
+            return self.hf.lm_head(hidden)
+
+        def parameters(self):
+            return self.hf.parameters()
+
+    docs = _documents([120, 50])
+    for position in ({"kind": "rope"}, {"kind": "pi", "scale": 4.0}):
+        model = tiny_model(position)
+        hf = HFScorer(hf_twin(model, position))
+        for window, stride in ((64, 16), (32, 32)):  # 64 reads beyond the base window of 32
+            ours = sliding_window_perplexity(model, docs, window, stride)
+            with torch.no_grad():
+                theirs = sliding_window_perplexity(hf, docs, window, stride)
+            assert ours.tokens == theirs.tokens
+            assert ours.ppl == pytest.approx(theirs.ppl, rel=1e-5)
+            assert abs(ours.ppl - 101) > 1  # not the uniform-prediction value: the models really differ from chance
+
+
+def test_document_selection_keeps_long_documents_and_truncates():
+    docs = _documents([10, 50, 30, 80])
+    kept = prepare_documents(docs, max_documents=2, max_tokens_per_document=40, min_tokens_per_document=30)
+    assert [len(d) for d in kept] == [40, 30]
+    with pytest.raises(EvaluationError, match="max_documents"):
+        prepare_documents(docs, max_documents=0)
+
+
+def test_bad_stride_is_one_clear_error():
+    with pytest.raises(EvaluationError, match="stride=20 must be between 1 and the window"):
+        sliding_spans(100, 16, 20)
+
+
+def test_window_beyond_an_absolute_table_is_one_clear_error():
+    model = tiny_model({"kind": "absolute"})  # 32 learned positions
+    check_window(model, 32, "ppl window 32")
+    with pytest.raises(EvaluationError, match="ppl window 64 needs 64 positions .* only 32"):
+        check_window(model, 64, "ppl window 64")
+
+
+# ----------------------------------------------------------------------------- passkey
+
+
+@pytest.mark.parametrize("length", [200, 300, 517])
+def test_passkey_prompt_puts_the_key_at_the_requested_distance(tokenizer, length):
+    prompter = PasskeyPrompter(tokenizer)
+    smallest, largest = prompter.distance_range(length)
+    rng = random.Random(length)
+    for distance in sorted({smallest, smallest + 1, largest - 1, largest, *rng.sample(range(smallest, largest), min(20, largest - smallest))}):
+        key = str(rng.randint(10000, 99999))
+        prompt = prompter.build(key, distance, length)
+        assert len(prompt.tokens) == length and prompt.distance == distance
+        # Counted independently: the key starts exactly `distance` tokens before the end.
+        tail, head = tokenizer.decode(prompt.tokens[-distance:]), tokenizer.decode(prompt.tokens[:-distance])
+        assert tail.lstrip().startswith(f"{key}. Remember it. {key} is the pass key.")
+        assert tail.rstrip().endswith(QUESTION)
+        assert key not in head and head.rstrip().endswith("The pass key is")
+        assert tokenizer.decode(prompt.tokens).startswith(INSTRUCTION)
+        assert re.search(r"pass key\.\S", tail) is None  # the filler never glues onto the key line
+        assert prompt.tokens[0] == tokenizer.bos_id and prompt.tokens.count(tokenizer.bos_id) == 1
+
+
+def test_passkey_prompt_refuses_an_unreachable_distance(tokenizer):
+    prompter = PasskeyPrompter(tokenizer)
+    smallest, largest = prompter.distance_range(200)
+    with pytest.raises(EvaluationError, match=f"place the key {smallest} to {largest} tokens from the end"):
+        prompter.build("12345", largest + 1, 200)
+
+
+def test_k_max_follows_the_twenty_percent_rule():
+    distances = [100, 200, 300, 400, 500, 600]
+    assert k_max(distances, [1.0, 0.9, 0.2, 0.3, 0.0, 0.0]) == 400  # 0.2 counts as success
+    assert k_max(distances, [1.0, 0.1, 1.0, 1.0, 1.0, 1.0]) == 100  # a gap ends it even if later k succeed
+    assert k_max(distances, [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == 0
+    assert k_max(distances, [1.0] * 6) == 600
+    assert k_max(list(reversed(distances)), [0.0, 0.0, 0.5, 0.5, 0.5, 0.5]) == 400  # order of the input does not matter
+    assert k_max(distances, [0.5, 0.4, 0.3, 0.3, 0.3, 0.3], threshold=0.35) == 200
+
+
+def test_greedy_decoding_with_the_cache_equals_full_forwards():
+    model = tiny_model({"kind": "pi", "scale": 2.0})
+    prompts = torch.randint(3, 101, (3, 20))
+    fast = greedy_continuations(model, prompts, 6)
+    tokens = prompts
+    with torch.no_grad():
+        for _ in range(6):
+            tokens = torch.cat([tokens, model(tokens)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(fast, tokens[:, 20:])
+
+
+def test_passkey_grid_and_k_max_from_an_oracle_that_sees_only_the_last_tokens(tokenizer, monkeypatch):
+    """A stand-in decoder that answers correctly only when the key is among the last 120 prompt tokens."""
+    reach = 120
+
+    def oracle(model, prompts, n_new):
+        answers = []
+        for prompt in prompts.tolist():
+            found = re.search(r"(\d{5})\. Remember", tokenizer.decode(prompt[-reach:]))  # the key's first occurrence
+            answer = tokenizer.encode(found.group(1) if found else "00000", bos=False)
+            answers.append((answer + [tokenizer.eos_id] * n_new)[:n_new])
+        return torch.tensor(answers)
+
+    monkeypatch.setattr(passkey_module, "greedy_continuations", oracle)
+    model = tiny_model(vocab_size=VOCAB, max_seq_len=64)
+    result = run_passkey(model, tokenizer, window=256, num_positions=8, trials=3, seed=1)
+    assert len(result.distances) == 8 and all(len(row) == 3 for row in result.successes)
+    assert result.distances[-1] > reach
+    assert result.success_rates == [1.0 if d <= reach else 0.0 for d in result.distances]
+    assert result.k_max == max(d for d in result.distances if d <= reach)
+
+
+def test_passkey_runs_on_a_real_tiny_model(tokenizer):
+    model = tiny_model({"kind": "pi", "scale": 4.0}, vocab_size=VOCAB, max_seq_len=64)
+    result = run_passkey(model, tokenizer, window=256, num_positions=4, trials=2, batch_size=2)
+    assert result.prompt_length == 256 - 6  # "▁" + five digits
+    assert len(result.answers) == 4 and result.k_max in [0, *result.distances]
+
+
+# ----------------------------------------------------------------------------- attention analysis
+
+
+def test_attention_fit_reproduces_figure_2_for_d128_l2048():
+    facts, curves = fit_random_scores(head_dim=128, window=2048, theta=10000.0, extent=2.0, seed=0)
+    assert facts["inside_max"] < 1.5  # bounded on the fitted integers
+    assert facts["interpolation_max"] < 1.05 * facts["inside_max"]  # and between them
+    assert facts["extrapolation_max"] > 100 * facts["inside_max"]  # but not beyond L
+    assert facts["interpolation_error_max"] <= facts["interpolation_bound"]  # Theorem 3.1
+    assert facts["bound_ratio_at_b_equal_d"] == pytest.approx(64 * math.log(10000.0))  # ~589: "~600x tighter"
+    assert facts["bound_ratio_mean"] > 500
+    assert curves["interpolation"].shape == (1, 2048 * 16 + 1)
+
+
+def test_interpolation_error_bound_holds_for_random_coefficients():
+    inv_freq = inverse_frequencies(64, 10000.0)
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(50, 32)) + 1j * rng.normal(size=(50, 32))
+    summary, _ = analyse_coefficients(h, inv_freq, 10000.0, window=256)
+    assert np.all(summary["interpolation_error_max"] <= summary["interpolation_bound"])
+
+
+def test_query_key_coefficients_give_the_model_rotary_scores():
+    """h_j from the half-split pairs (j, j + d/2) reproduces q_m . k_n after the model's own rotation."""
+    model = tiny_model({"kind": "rope"})
+    tokens = torch.randint(3, 101, (30,))
+    h, where = query_key_coefficients(model, tokens, pairs=12, seed=3)
+    captured = {}
+    hooks = [getattr(layer.attention, n).register_forward_hook(lambda m, i, o, key=(idx, n): captured.__setitem__(key, o))
+             for idx, layer in enumerate(model.layers) for n in ("wq", "wk")]
+    with torch.no_grad():
+        model(tokens[None])
+    for hook in hooks:
+        hook.remove()
+    d, group = model.args.head_dim, model.args.n_heads // model.args.kv_heads
+    rotation = model.position.rotation(0, 30, 30, torch.device("cpu"))
+    inv_freq = inverse_frequencies(d, model.args.rope_theta)
+    for coefficients, w in zip(h, where):
+        q = captured[(w["layer"], "wq")][0, :, w["head"] * d : (w["head"] + 1) * d]
+        kv = w["head"] // group
+        k = captured[(w["layer"], "wk")][0, :, kv * d : (kv + 1) * d]
+        q_rot = apply_rotation(q[None, None], rotation)[0, 0, w["query"]]
+        k_rot = apply_rotation(k[None, None], rotation)[0, 0, w["key"]]
+        expected = float(q_rot @ k_rot)
+        got = scores(coefficients[None], np.array([w["query"] - w["key"]], dtype=float), inv_freq)[0, 0]
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_generation_greedy_matches_argmax_and_sampling_is_seeded():
+    model = tiny_model()
+    prompt = [1, 5, 9, 13]
+    greedy = generate(model, prompt, max_new_tokens=8, temperature=0)
+    tokens = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(8):
+            tokens = torch.cat([tokens, model(tokens)[:, -1:].argmax(-1)], dim=1)
+    assert greedy == tokens[0, 4:].tolist()
+    assert generate(model, prompt, 8, temperature=1.0, top_p=1e-6) == greedy  # a tiny nucleus keeps the top token only
+    first, again = generate(model, prompt, 8, 1.0, 0.9, seed=3), generate(model, prompt, 8, 1.0, 0.9, seed=3)
+    assert first == again and len(first) == 8
+    with pytest.raises(EvaluationError, match="exceeds the 20 positions"):
+        generate(model, prompt, 30, max_len=20)

@@ -1,0 +1,248 @@
+"""evaluate.py end to end on tiny saved checkpoints, its config, its user errors, and the training callback."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, tiny_model
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from test_evaluation import VOCAB, tokenizer  # noqa: F401  (the session-scoped tokenizer fixture)
+
+from evaluation import EvaluationError
+from evaluation.callback import ExtensionEvalCallback
+from evaluation.passkey import FILLER, INSTRUCTION, QUESTION
+from evaluation.run import evaluate
+from model.checkpoints import project_payload
+
+
+def save_checkpoint(path: Path, model, position: dict, tokenizer_path: Path | None, step: int = 0) -> Path:
+    """A checkpoint in the project's format (see model.checkpoints' docstring)."""
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "pi_llama": project_payload(model.args, position, tokenizer_path),
+            "global_step": step,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tokenizer):  # noqa: F811
+    """Two tiny checkpoints (base RoPE window 32, and an absolute-position model) plus a small jsonl corpus."""
+    root = tmp_path_factory.mktemp("project")
+    torch.manual_seed(0)
+    base = save_checkpoint(root / "base.ckpt", tiny_model({"kind": "rope"}, vocab_size=VOCAB), {"kind": "rope"}, tokenizer.path, 0)
+    pi = save_checkpoint(root / "pi4.ckpt", tiny_model({"kind": "pi", "scale": 4.0}, vocab_size=VOCAB), {"kind": "pi", "scale": 4.0}, tokenizer.path, 50)
+    absolute = save_checkpoint(root / "abs.ckpt", tiny_model({"kind": "absolute"}, vocab_size=VOCAB), {"kind": "absolute"}, tokenizer.path)
+    rng = random.Random(0)
+    words = re.findall(r"[a-z]+", " ".join([INSTRUCTION, FILLER, QUESTION]).lower())
+    with (root / "docs.jsonl").open("w") as handle:
+        for _ in range(40):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(60, 160))) + "."
+            handle.write(json.dumps({"text": text}) + "\n")
+    return {"root": root, "base": base, "pi": pi, "absolute": absolute, "docs": root / "docs.jsonl"}
+
+
+def _data_overrides(project) -> list[str]:
+    return [f"data=jsonl", f"data.path={project['docs']}", f"data.cache_dir={project['root'] / 'cache'}"]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PI_LLAMA_CACHE": str(cwd / "pi_cache"), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _position_searchpath(tmp_path: Path) -> list[str]:
+    """The lead's conf/position group if it exists, else a stand-in with the same shape."""
+    if (ROOT / "conf" / "position" / "pi.yaml").exists():
+        return []
+    folder = tmp_path / "extra_conf" / "position"
+    folder.mkdir(parents=True)
+    (folder / "pi.yaml").write_text("kind: pi\nscale: ${scale}\n")
+    return [f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]"]
+
+
+def test_evaluate_end_to_end_writes_json_markdown_and_plots(project, tmp_path):
+    variants = f"variants=[{{name: base-read-with-pi4, ckpt: '{project['base']}', position: {{kind: pi, scale: 4}}}}]"
+    result = _run(
+        [
+            f"ckpt=[{project['base']},{project['pi']}]",
+            variants,
+            "task=[ppl,passkey,attention,generate]",
+            "ppl.windows=[16,32,64]",
+            "ppl.stride=16",
+            "ppl.max_documents=2",
+            "passkey.window=256",
+            "passkey.num_positions=3",
+            "passkey.trials=2",
+            "attention.window=256",
+            "attention.pairs=8",
+            "generate.max_new_tokens=5",
+            "generate.prompt=the grass",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *_data_overrides(project),
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "run"
+    assert f"results written to {out.resolve()}" in result.stdout
+    assert "k_max =" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    names = ["base", "pi4", "base-read-with-pi4"]
+    assert [m["name"] for m in results["models"]] == names
+    assert results["models"][2]["position"] == {"kind": "pi", "scale": 4}
+    assert results["models"][1]["global_step"] == 50
+    assert results["config"]["ppl"]["windows"] == [16, 32, 64]  # the exact config travels with the numbers
+    assert set(results["ppl_table"]) == set(names) and all(set(r) == {"16", "32", "64"} for r in results["ppl_table"].values())
+    assert all(math_ok(v) for r in results["ppl_table"].values() for v in r.values())
+    # Reading the base model with PI changes its numbers beyond position 0.
+    assert results["ppl_table"]["base"]["64"] != results["ppl_table"]["base-read-with-pi4"]["64"]
+    assert set(results["passkey"]) == set(names) and results["passkey"]["pi4"]["window"] == 256
+    assert results["attention"]["paper_fit"]["window"] == 256
+    assert results["attention"]["query_key"]["pi4"]["pairs"] == 8
+    assert list(results["attention"]["fits"]) == ["fit d=16 L=32 c=10000"]  # one fit per model shape, not per row
+    assert results["attention"]["query_key"]["pi4"]["interpolation_bound_holds"] == 1.0
+    assert set(results["generate"]) == set(names)
+    markdown = (out / "results.md").read_text()
+    assert "| model | 16 | 32 | 64 |" in markdown and "| base-read-with-pi4 |" in markdown
+    assert "| max \\|h_j\\| |" in markdown  # pipes inside cells are escaped
+    for figure in results["figures"]:
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"ppl.png", "passkey.png", "attention.png"} <= set(results["figures"])
+
+
+def math_ok(value) -> bool:
+    return isinstance(value, float) and 1 < value < 10 * VOCAB
+
+
+def test_position_override_from_the_config_group_reads_a_base_model_with_pi(project, tmp_path):
+    overrides = [f"ckpt={project['base']}", "position=pi", "scale=8", "task=ppl", "ppl.windows=[64]", "ppl.stride=16",
+                 "ppl.max_documents=1", f"out_dir={tmp_path / 'out'}", *_data_overrides(project), *_position_searchpath(tmp_path)]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        evaluate(compose("evaluate", overrides=overrides))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["models"][0]["position"]["kind"] == "pi" and results["models"][0]["position"]["scale"] == 8
+    assert results["models"][0]["name"] == "base [pi x8]"
+
+
+def test_user_errors_are_one_sentence_and_a_non_zero_exit(project, tmp_path):
+    result = _run(["ckpt=/nonexistent/model.ckpt", f"out_dir={tmp_path / 'out'}"], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: checkpoint path /nonexistent/model.ckpt does not exist")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ckpt={base}", "task=perplexity"], "unknown task 'perplexity'; choose one or more of ppl, passkey, attention, generate"),
+        (["ckpt={absolute}", "task=passkey", "passkey.window=256"], "passkey window 256 is longer than the 32 positions"),
+        (["ckpt={absolute}", "task=[ppl]", "ppl.windows=[16,48]", "ppl.stride=16"], "ppl window 48 is longer than the 32 positions of its learned absolute table"),
+        (["ckpt={base}", "ppl.windows=[64]"], "ppl.stride=256 is longer than the window 64"),
+        (["task=ppl"], "needs a model: pass ckpt=PATH"),
+        (["ckpt={base}", "variants=[{{nme: x}}]"], r"unknown key\(s\) \['nme'\]"),
+        (["ckpt=[{base},{absolute}]", "variants=[{{name: x, position: {{kind: pi}}}}]"], "needs a ckpt"),
+        (["ckpt=[{base},{base}]"], "two table rows are both named"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(project, tmp_path, overrides, message):
+    overrides = [o.format(base=project["base"], absolute=project["absolute"]) for o in overrides]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[*overrides, f"out_dir={tmp_path}", *_data_overrides(project)])
+    with pytest.raises(EvaluationError, match=message):
+        evaluate(cfg)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_keys_are_refused_by_struct_mode():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate")
+        assert OmegaConf.is_struct(cfg)
+        with pytest.raises(Exception, match="ppl.windowz"):
+            compose("evaluate", overrides=["ppl.windowz=[1]"])
+
+
+def test_evaluate_in_process_on_the_paper_attention_fit_only(tmp_path):
+    """task=attention needs no checkpoint: the paper's d=128, L=2048 fit alone."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["task=attention", f"out_dir={tmp_path}"])
+    results = evaluate(cfg)
+    fit = results["attention"]["paper_fit"]
+    assert fit["head_dim"] == 128 and fit["window"] == 2048
+    assert fit["extrapolation_max"] > 100 * fit["inside_max"]
+    assert (tmp_path / "attention.png").exists() and (tmp_path / "results.md").exists()
+
+
+# ----------------------------------------------------------------------------- callback
+
+
+class _Module(L.LightningModule):
+    """The shape of the lead's LightningModule as far as the callback cares: `.model` is a Llama."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(batch[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+class _Data(L.LightningDataModule):
+    """documents(split) and tokenizer, as data.datamodule.TextDataModule provides them."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        rng = np.random.default_rng(0)
+        self._docs = [np.concatenate([[1], rng.integers(3, VOCAB, 300), [2]]) for _ in range(3)]
+
+    def documents(self, split):
+        return self._docs
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randint(3, VOCAB, (8, 33)), batch_size=2)
+
+
+def test_callback_logs_and_writes_rows_every_n_steps(tmp_path, tokenizer):  # noqa: F811
+    model = tiny_model({"kind": "pi", "scale": 8.0}, vocab_size=VOCAB)  # window 32 x 8 = 256
+    callback = ExtensionEvalCallback(every_n_steps=2, windows=[32, 64], max_documents=2, max_tokens_per_document=128,
+                                     passkey_positions=2, passkey_trials=1, out_path=tmp_path / "eval_by_step.json")
+    trainer = L.Trainer(max_steps=4, callbacks=[callback], logger=L.pytorch.loggers.CSVLogger(tmp_path / "logs"),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(_Module(model.train()), datamodule=_Data(tokenizer))
+    assert [row["step"] for row in callback.rows] == [0, 2, 4]
+    assert all(row["passkey_window"] == 256 and "ppl_64" in row for row in callback.rows)
+    assert callback.rows[0]["ppl_32"] != callback.rows[-1]["ppl_32"]  # it saw the weights change
+    assert [row["step"] for row in json.loads((tmp_path / "eval_by_step.json").read_text())] == [0, 2, 4]
+    assert (tmp_path / "eval_by_step.csv").read_text().startswith("step,ppl_32,ppl_64,passkey_window,passkey_k_max,passkey_success")
+    assert "| step | ppl_32 | ppl_64 |" in (tmp_path / "eval_by_step.md").read_text()
+    logged = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
+    assert "longctx/ppl_64" in logged and "longctx/passkey_k_max" in logged
+    assert model.training  # handed back in training mode
+
+
+def test_callback_skips_a_passkey_that_does_not_fit_and_clamps_the_stride(tokenizer):  # noqa: F811
+    model = tiny_model(vocab_size=VOCAB)  # window 32: too short for the passkey prompt
+    callback = ExtensionEvalCallback(windows=[16, 32], max_documents=1, passkey_trials=1)
+    row = callback.evaluate_model(model, _Data(tokenizer), step=0)
+    assert set(row) == {"step", "ppl_16", "ppl_32"}  # stride 256 > window: read as non-overlapping chunks
+    assert callback._passkey_skipped
