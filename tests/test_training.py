@@ -75,6 +75,21 @@ def test_init_from_a_checkpoint_starts_from_its_weights_and_extends_an_absolute_
     torch.testing.assert_close(extended[-1], table[-1], atol=1e-6, rtol=0)
 
 
+def test_init_from_an_hf_folder_fine_tunes_its_weights(cache_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from model.hf import to_hf_config
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=64)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_config(args, {"kind": "rope"})))
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = smoke(cache_dir, tmp_path / "ft", f"init={tmp_path / 'hf'}", "position=pi", "scale=2",
+                "optim.finetune.lr=1e-12", "optim.finetune.max_steps=1")
+    tuned = load_pretrained(train(cfg).last_checkpoint)
+    assert tuned.args.hidden_dim == args.hidden_dim and tuned.args.n_kv_heads == 2 and tuned.position["kind"] == "pi"
+    expected = hf.state_dict()["model.layers.1.mlp.down_proj.weight"]
+    torch.testing.assert_close(tuned.state_dict["layers.1.feed_forward.w2.weight"], expected, atol=1e-6, rtol=0)
+
+
 class _RecordStart(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self.step = trainer.global_step

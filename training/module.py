@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,15 +47,19 @@ class CausalLMTask(L.LightningModule):
         optim: Mapping[str, Any],
         tokenizer_path: str | None = None,
         loss_chunk_tokens: int = 0,
+        weights_follow: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["weights_follow"])
         self.args = ModelArgs.from_dict(dict(model_args))
         self.position_config = dict(position)
         self.optim_config = dict(optim)
         self.tokenizer_path = tokenizer_path
         self.loss_chunk_tokens = loss_chunk_tokens
-        self.model = build_model(self.args, self.position_config)
+        # When pretrained weights will be assigned right after, build on the meta device:
+        # a 7B model is then never materialised twice (random init + checkpoint).
+        with torch.device("meta") if weights_follow else contextlib.nullcontext():
+            self.model = build_model(self.args, self.position_config)
         self.train_ppl = TokenPerplexity()
         self.val_ppl = TokenPerplexity()
 

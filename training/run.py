@@ -83,6 +83,7 @@ def train(cfg: DictConfig) -> RunResult:
         optim=optim_for_stage,
         tokenizer_path=str(tokenizer.path),
         loss_chunk_tokens=int(levers["loss_chunk_tokens"]),
+        weights_follow=pretrained is not None,
     )
     if pretrained is not None:
         _load_weights(task, pretrained)
@@ -108,7 +109,8 @@ def train(cfg: DictConfig) -> RunResult:
                         "last": str(result.last_checkpoint), "best": best}, indent=2)
         )
         log.info("checkpoints: %s (last), %s (best)", result.last_checkpoint, best or "-")
-        log.info("metrics: %s", run_dir / "metrics.csv")
+        log.info("metrics: %s%s", run_dir / "logs" / "metrics.csv",
+                 f" and TensorBoard at {run_dir / 'logs' / 'tensorboard'}" if len(trainer.loggers) > 1 else "")
         log.info("done in %.0f s: %s", elapsed, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         if stage == "pretrain" and cfg.init is None and cfg.register_base and _is_default_base(cfg):
             _register_base(cfg, result.last_checkpoint)
@@ -134,7 +136,7 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 def _load_init(init: str) -> Pretrained:
     try:
-        return load_pretrained(init)
+        return load_pretrained(init, dtype=torch.float32)  # float32 master weights; autocast makes the bf16 copies
     except CheckpointError as error:
         raise ConfigError(str(error)) from None
 
@@ -150,8 +152,10 @@ def _load_weights(task: CausalLMTask, pretrained: Pretrained) -> None:
     if fresh or dropped:
         log.warning("position encoding changed from %s to %s: new %s, dropped %s",
                     pretrained.position.get("kind"), task.position_config["kind"], fresh or "-", dropped or "-")
+    for key in fresh:  # the model sits on the meta device: give new tables the model's own init
+        state[key] = torch.empty(own[key].shape).normal_(std=0.02)
     try:
-        load_into(task.model, {**{k: own[k] for k in fresh}, **state}, strict=True)
+        load_into(task.model, state, strict=True)
     except CheckpointError as error:
         raise ConfigError(str(error)) from None
 
@@ -192,9 +196,9 @@ def _trainer(
                                                max_documents=int(cfg.eval.max_documents),
                                                passkey_trials=int(cfg.eval.passkey_trials),
                                                out_path=run_dir / "eval_by_step.json"))
-    loggers: list[Any] = [CSVLogger(run_dir, name="", version="")]
+    loggers: list[Any] = [CSVLogger(run_dir, name="logs", version="")]
     if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", version=""))
     strategy = _strategy(trainer_cfg.pop("strategy"), levers)
     val_every = min(int(trainer_cfg.pop("val_check_interval")), max_steps)
     return L.Trainer(
