@@ -96,10 +96,14 @@ def resolve_variants(cfg: DictConfig) -> list[Variant]:
 
 
 def _default_name(path: str, all_paths: list[str]) -> str:
-    """The file stem, or parent/stem when stems clash (Lightning's last.ckpt in several runs)."""
-    p = Path(path)
-    stems = [Path(q).stem for q in all_paths]
-    return f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem
+    """The shortest tail of the path that tells it from the others (a run's last.ckpt: `<run>/checkpoints/last`)."""
+    parts = Path(path).with_suffix("").parts
+    others = [Path(q).with_suffix("").parts for q in all_paths if q != path]
+    for depth in range(1, len(parts) + 1):
+        tail = parts[-depth:]
+        if all(other[-depth:] != tail for other in others):
+            return "/".join(tail)
+    return "/".join(parts)
 
 
 def _position_for(pretrained: Pretrained, override: dict[str, Any] | None) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def train(cfg: DictConfig) -> RunResult:
     checkpoints = run_dir / "checkpoints"
     # ModelCheckpoint saves "last" after validation; a run that stops at max_steps between two
     # validations would otherwise leave a "last" that is not the last step.
-    trainer.save_checkpoint(checkpoints / "last.ckpt")
+    trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # with optimizer state: resumable
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = RunResult(stage, run_dir, checkpoints / "last.ckpt", Path(best) if best else None, metrics)
