@@ -132,7 +132,7 @@ class Sinusoidal(PositionEncoding):
         self.register_buffer("_table", torch.empty(0, dim), persistent=False)
 
     def _ensure(self, length: int, device: torch.device) -> Tensor:
-        if self._table.shape[0] < length or self._table.device != device:
+        if self._table.shape[0] < length or self._table.device != device or self._table.dtype != torch.float32:
             positions = torch.arange(length, dtype=torch.float64, device=device) / self.scale
             freqs = self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float64, device=device) / self.dim)
             angles = torch.outer(positions, freqs)
@@ -188,7 +188,8 @@ class RoPE(PositionEncoding):
 
     def rotation(self, start: int, length: int, context_len: int, device: torch.device) -> Rotation:
         end = start + length
-        stale = self._cos.shape[0] < end or self._cos.device != device
+        # module.to(bfloat16) casts buffers too: a table that is no longer float32 is rebuilt.
+        stale = self._cos.shape[0] < end or self._cos.device != device or self._cos.dtype != torch.float32
         if self.length_dependent:
             # The table is valid for one context length only; keep it sized to that length.
             stale = stale or self._table_context != context_len

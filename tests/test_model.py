@@ -236,3 +236,16 @@ def test_presets_build_on_the_meta_device():
     with torch.device("meta"):
         model = build_model(PRESETS["llama2-70b"], {"kind": "pi", "scale": 2})
     assert model.layers[0].attention.wk.weight.shape == (1024, 8192)
+
+
+@pytest.mark.parametrize("kind", ["pi", "sinusoidal"])
+def test_casting_the_model_to_bf16_keeps_position_tables_float32(kind):
+    model = tiny_model({"kind": kind, "scale": 8.0})
+    tokens = torch.randint(0, model.args.vocab_size, (1, 300))
+    with torch.no_grad():
+        model(tokens)  # builds the table in float32
+        model.to(torch.bfloat16)  # casts buffers as well as weights
+        model(tokens)
+    table = model.position._cos if kind == "pi" else model.position._table
+    assert table.dtype == torch.float32
+    assert not torch.equal(table[256], table[257])
