@@ -8,28 +8,57 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
 
-from data import DataError
-from model.checkpoints import CheckpointError
-from training.config import ConfigError
-from training.run import train
+SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that signal ended
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+def _first_process() -> bool:
+    """Rank 0 under Lightning's own launcher, torchrun or SLURM: messages are printed once, not per rank."""
+    return all(int(os.environ.get(key, "0")) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _fail(error: Exception) -> NoReturn:
+    """A user's mistake (or a diverged run) gets one sentence and exit status 2, not a traceback."""
+    if _first_process():
+        logging.getLogger("train").error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Imported here, in two steps: a bad value is reported before Lightning loads (4 of the 5 s
+    # a start takes), and Hydra's own errors come before either.
+    from training.config import ConfigError, validate
+
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        _fail(error)
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from data import DataError
+    from model.checkpoints import CheckpointError
+    from training.faults import NonFiniteLossError
+    from training.run import train
+
     try:
         train(cfg)
-    except USER_ERRORS as error:
-        # A user's mistake gets one sentence, not a traceback.
-        logging.getLogger("train").error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as error:
+        _fail(error)
+    except SIGTERMException:
+        # Lightning ends a SIGTERM'd run with status 0; one cut short should not look finished.
+        if _first_process():
+            print("stopped by SIGTERM; checkpoints/last.ckpt in the run folder was saved first: continue with "
+                  "resume=<that path>.", file=sys.stderr)
+        sys.exit(SIGTERM_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from data import sources
 from data.errors import DataError
@@ -27,6 +27,41 @@ CACHE_ENV = "PI_LLAMA_CACHE"
 # Bump when train_tokenizer's settings change, so old cached tokenizers are not reused.
 TOKENIZER_RECIPE = 1
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
+
+
+class ResumableSampler(Sampler[int]):
+    """One rank's share of an endless stream of shuffled passes over the train windows.
+
+    The stream is the concatenation of randperm(n) seeded with seed + pass; global sample g
+    goes to rank g mod world_size, so with a global batch of B the union of the ranks' batches
+    is the same B consecutive samples whatever the number of processes (2 x 2 equals 1 x 4).
+    Each iteration starts where `position()` (global samples already trained on) says, which is
+    what makes a resumed run see exactly the data the interrupted one would have seen next.
+    """
+
+    def __init__(
+        self, num_samples: int, seed: int, position: Callable[[], int], rank: int = 0, world_size: int = 1
+    ) -> None:
+        """`position` is a callable returning the number of global samples consumed so far."""
+        self.num_samples, self.seed, self.position, self.rank, self.world_size = num_samples, seed, position, rank, world_size
+
+    def __len__(self) -> int:
+        """One pass's share per rank: what Lightning counts as an epoch."""
+        return self.num_samples // self.world_size
+
+    def _order(self, data_pass: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + data_pass)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        # Read the position when iteration starts (lazily, after any checkpoint was restored).
+        first = int(self.position()) + self.rank
+        cached_pass, order = -1, []
+        for k in range(len(self)):
+            data_pass, offset = divmod(first + k * self.world_size, self.num_samples)
+            if data_pass != cached_pass:
+                cached_pass, order = data_pass, self._order(data_pass)
+            yield order[offset]
 
 
 def default_cache_dir() -> Path:
@@ -90,6 +125,7 @@ class TextDataModule(L.LightningDataModule):
         self._token_dir: Path | None = None
         self._stores: dict[str, TokenStore] = {}
         self._datasets: dict[str, PackedWindows] = {}
+        self._samples_seen = 0  # global training samples consumed: the resumable data position
 
     # -- preparation -------------------------------------------------------------------------
 
@@ -166,9 +202,11 @@ class TextDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded), full batches only."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.dataset("train"), self.batch_size, shuffle=True, generator=generator, drop_last=True)
+        """Shuffled (seeded), full batches only, this rank's share, from the current data position."""
+        rank, world_size = self._data_parallel_rank()
+        sampler = ResumableSampler(len(self.dataset("train")), self.seed, self.samples_seen, rank, world_size)
+        generator = torch.Generator().manual_seed(self.seed)  # worker seeds only; the order is the sampler's
+        return self._loader(self.dataset("train"), self.batch_size, sampler=sampler, generator=generator, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         """Validation windows in order."""
@@ -188,6 +226,36 @@ class TextDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             **kwargs,
         )
+
+    # -- resumable position ------------------------------------------------------------------
+
+    def samples_seen(self) -> int:
+        """Global training samples consumed so far (all ranks, all passes)."""
+        return self._samples_seen
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Counts each training batch as it goes to the step: checkpoints are only written after
+        a step, so the count saved with one is exactly the data that checkpoint has trained on."""
+        if self.trainer is not None and self.trainer.training:
+            self._samples_seen += int(batch.shape[0]) * self._data_parallel_rank()[1]
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position, saved in every checkpoint."""
+        return {"samples_seen": self._samples_seen, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the data position (before Lightning asks for the train loader)."""
+        if state_dict.get("seed", self.seed) != self.seed:
+            log.warning("resuming with seed=%s but the checkpoint's data order used seed=%s", self.seed, state_dict["seed"])
+        self._samples_seen = int(state_dict.get("samples_seen", 0))
+
+    def _data_parallel_rank(self) -> tuple[int, int]:
+        """(rank, number of data-parallel replicas) from the Trainer's strategy; (0, 1) outside one."""
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer is not None else None
+        if not kwargs:
+            return 0, 1
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ A variant is one row of the comparison table: a checkpoint read with a position 
 from __future__ import annotations
 
 import datetime
+import os
 import inspect
 import logging
 import time
@@ -135,7 +136,12 @@ def output_dir(cfg: DictConfig) -> Path:
             path = Path(HydraConfig.get().runtime.output_dir)
         except ValueError:
             path = Path("outputs/evaluate") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise EvaluationError(f"output folder {path} cannot be created ({error.strerror}); choose another out_dir.") from None
+    if not os.access(path, os.W_OK):
+        raise EvaluationError(f"output folder {path} is not writable; choose another out_dir.")
     return path
 
 

@@ -194,16 +194,16 @@ def safe_torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as error:  # torch raises anything from KeyError to RuntimeError on a damaged file
         message = _ANSI.sub("", str(error))
-        if "Weights only load failed" in message:
-            found = _UNSAFE_GLOBAL.search(message)
-            what = f"a pickled reference to {found.group(1)}" if found else "pickled Python objects"
+        found = _UNSAFE_GLOBAL.search(message) if "Weights only load failed" in message else None
+        if found:  # a pickle naming a callable: loading it would run code (random bytes name none)
             raise CheckpointError(
-                f"{path} holds {what}, which could run code when unpickled, so it is refused; "
-                "re-save the tensors with safetensors or with torch.save of a plain dict of tensors."
+                f"{path} holds a pickled reference to {found.group(1)}, which could run code when unpickled, so it is "
+                "refused; re-save the tensors with safetensors or with torch.save of a plain dict of tensors."
             ) from None
         first_line = message.strip().splitlines()[0][:160] if message.strip() else type(error).__name__
+        detail = "" if "Weights only load failed" in message else f" ({first_line})"  # torch's text there is advice, not a cause
         raise CheckpointError(
-            f"{path} is not a readable torch checkpoint ({first_line}); the file is truncated or corrupt, so copy it again."
+            f"{path} is not a readable torch checkpoint{detail}; the file is truncated or corrupt, so copy it again."
         ) from None
 
 
@@ -290,6 +290,9 @@ def atomic_directory(destination: str | os.PathLike, force: bool = False) -> Ite
     if destination.is_dir() and any(destination.iterdir()) and not force:
         raise CheckpointError(f"destination {destination} is not empty; choose a new folder or pass --force to replace it.")
     made_parents = [parent for parent in destination.parents if not parent.exists()]
+    blocking = next((p for p in destination.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise CheckpointError(f"destination {destination} cannot be created: {blocking} is a file, not a folder.")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"))
     try:

@@ -8,12 +8,17 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model import ModelArgs, PositionError, build_position
 
 STAGES = ("auto", "pretrain", "finetune")
-PROJECT_TRAINER_KEYS = ("activation_checkpointing", "compile", "loss_chunk_tokens", "peak_tflops")
+NONFINITE_POLICIES = ("stop", "skip")
+COMMON_STRATEGIES = ("auto", "ddp", "fsdp")  # checked without importing Lightning (seconds of start-up)
+PROJECT_TRAINER_KEYS = (
+    "activation_checkpointing", "compile", "loss_chunk_tokens", "peak_tflops", "checkpoint_every_n_steps", "on_nonfinite",
+)
 
 
 class ConfigError(ValueError):
@@ -57,16 +62,71 @@ def validate(cfg: DictConfig) -> str:
         position = build_position(args, OmegaConf.to_container(cfg.position, resolve=True))
     except PositionError as error:
         raise ConfigError(str(error)) from None
+    if cfg.init is None:  # with init= the shape comes from the checkpoint; train() checks it then
+        check_window_fits(position, cfg.seq_len or round(args.max_seq_len * float(scale)), args.max_seq_len)
     del position
     recipe = cfg.optim[stage]
     for key in ("max_steps", "batch_size"):
         if not isinstance(recipe[key], int) or recipe[key] <= 0:
             raise ConfigError(f"optim.{stage}.{key}={recipe[key]!r} must be a positive integer.")
-    if not recipe.lr > 0:
-        raise ConfigError(f"optim.{stage}.lr={recipe.lr!r} must be positive.")
+    if isinstance(recipe.lr, bool) or not isinstance(recipe.lr, Real) or not 0 < recipe.lr < math.inf:
+        raise ConfigError(f"optim.{stage}.lr={recipe.lr!r} must be a positive finite number.")
+    validate_trainer(cfg.trainer)
+    if cfg.resume is not None:
+        check_resumable(Path(str(cfg.resume)).expanduser(), str(cfg.trainer.strategy))
     if cfg.run_dir is not None:
         check_writable(Path(str(cfg.run_dir)))
     return stage
+
+
+def check_window_fits(position: Any, seq_len: int, base_window: int) -> None:
+    """A learned absolute table cannot be read past its end; only scale (interpolation) lengthens it."""
+    length = getattr(position, "length", None)
+    if length is not None and seq_len > length:
+        raise ConfigError(
+            f"seq_len={seq_len} is longer than the {length} positions of the learned absolute table; pass "
+            f"scale={seq_len / base_window:g} (the table is interpolated to window * scale) or a seq_len <= {length}."
+        )
+
+
+def check_resumable(path: Path, strategy: str) -> None:
+    """resume= needs a training checkpoint (loops and optimizer state), sharded only under trainer.strategy=fsdp."""
+    if path.is_dir():
+        if not (path / "meta.pt").is_file():
+            raise ConfigError(f"resume={path} is a folder but not a sharded checkpoint (no meta.pt); give checkpoints/last.ckpt.")
+        if strategy != "fsdp":
+            raise ConfigError(f"resume={path} is a sharded checkpoint; resume it with trainer.strategy=fsdp, "
+                              f"or make one file with python -m training.consolidate and start from it with init=.")
+        return
+    try:  # memory-mapped: only the small pickle is read, not the tensors
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # noqa: BLE001 (torch's message is long; its type says enough)
+        raise ConfigError(f"resume={path} cannot be read as a checkpoint ({type(error).__name__}); it is truncated, "
+                          "corrupt or not a torch file, so resume from an earlier one.") from None
+    if not isinstance(checkpoint, dict) or not {"loops", "optimizer_states", "global_step"} <= checkpoint.keys():
+        raise ConfigError(f"resume={path} holds weights without the training state (step, optimizer, data position); "
+                          f"start from its weights with init={path} instead.")
+
+
+def validate_trainer(trainer: DictConfig) -> None:
+    """The project's trainer levers and the strategy name (Lightning's own errors come with a traceback)."""
+    if trainer.on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(f"trainer.on_nonfinite={trainer.on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}.")
+    every = trainer.checkpoint_every_n_steps
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+        raise ConfigError(f"trainer.checkpoint_every_n_steps={every!r} must be a non-negative integer (0 or null: "
+                          "only at validation and at the end).")
+    if trainer.strategy not in COMMON_STRATEGIES and not _is_lightning_strategy(trainer.strategy):
+        raise ConfigError(f"trainer.strategy={trainer.strategy!r} is not a strategy; use auto, ddp or fsdp "
+                          "(or another name Lightning registers).")
+    if isinstance(trainer.num_nodes, bool) or not isinstance(trainer.num_nodes, int) or trainer.num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={trainer.num_nodes!r} must be a positive integer.")
+
+
+def _is_lightning_strategy(name: Any) -> bool:
+    from .distributed import strategy_names
+
+    return isinstance(name, str) and name in strategy_names()
 
 
 def check_writable(path: Path) -> None:

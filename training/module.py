@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,8 +16,12 @@ from torchmetrics import Metric
 from model import ModelArgs, build_model
 from model.checkpoints import PROJECT_KEY, project_payload
 
+from .config import NONFINITE_POLICIES
+from .faults import NonFiniteLossError
 from .loss import next_token_nll
 from .schedule import warmup_then
+
+log = logging.getLogger("train")
 
 
 class TokenPerplexity(Metric):
@@ -48,14 +54,21 @@ class CausalLMTask(L.LightningModule):
         tokenizer_path: str | None = None,
         loss_chunk_tokens: int = 0,
         weights_follow: bool = False,
+        on_nonfinite: str = "stop",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["weights_follow"])
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}.")
+        self.save_hyperparameters(ignore=["weights_follow", "on_nonfinite"])
         self.args = ModelArgs.from_dict(dict(model_args))
         self.position_config = dict(position)
         self.optim_config = dict(optim)
         self.tokenizer_path = tokenizer_path
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+        self._skip_this_step = False
+        self._sharded = False
         # When pretrained weights will be assigned right after, build on the meta device:
         # a 7B model is then never materialised twice (random init + checkpoint).
         with torch.device("meta") if weights_follow else contextlib.nullcontext():
@@ -72,11 +85,41 @@ class CausalLMTask(L.LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         nll, tokens = self._nll(batch)
         loss = nll / tokens
-        self.train_ppl.update(nll, tokens)
-        self.log("train/loss", loss, prog_bar=True)
+        if self._any_rank_nonfinite(loss):
+            self._nonfinite(loss, batch_idx)
+        else:
+            self.train_ppl.update(nll, tokens)
+        # sync_dist: the logged loss is the global batch's, as one process with the whole batch would log it.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("train/ppl", self.train_ppl, on_step=False, on_epoch=True)
         return loss
+
+    def _any_rank_nonfinite(self, loss: Tensor) -> bool:
+        """One host sync per step; the decision is shared so that every rank stops or skips alike."""
+        return bool(self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False))
+
+    def _nonfinite(self, loss: Tensor, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        local = loss.item()
+        value = str(local) if not math.isfinite(local) else "non-finite on another process"
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(value, step)
+        # skip: the backward pass still runs (DDP and FSDP need every rank to take part), but
+        # on_before_optimizer_step drops the gradients so the optimizer leaves the weights alone.
+        self._skip_this_step = True
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self.trainer.is_global_zero:
+            log.warning("loss %s at step %d (batch %d): step skipped (%d so far)", value, step, batch_idx, self.skipped_steps)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_this_step:
+            # No gradient, no update: AdamW leaves parameters without .grad untouched (moments
+            # included). The scheduler and global_step still advance: a skipped step is a step.
+            for param in self.parameters():
+                param.grad = None
+            self._skip_this_step = False
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         nll, tokens = self._nll(batch)
@@ -85,8 +128,19 @@ class CausalLMTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         ppl = self.val_ppl.compute()
-        self.log("val/ppl", ppl, prog_bar=True)
+        self.log("val/ppl", ppl, prog_bar=True, sync_dist=True)  # equal on every rank already; silences the DDP warning
         self.val_ppl.reset()
+
+    # --- parallelism ----------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under trainer.strategy=fsdp (ModelParallelStrategy), shard each block with FSDP2."""
+        mesh = self.device_mesh
+        if mesh is None or self._sharded:
+            return
+        from .distributed import shard_model
+
+        shard_model(self.model, mesh["data_parallel"])
+        self._sharded = True
 
     # --- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,18 +18,23 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data import TextDataModule
 from model.checkpoints import CheckpointError, Pretrained, load_into, load_pretrained
 
 from .callbacks import Throughput, measured_matmul_peak
-from .config import PROJECT_TRAINER_KEYS, ConfigError, model_args_from_config, validate
+from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, model_args_from_config, validate
+from .distributed import build_strategy
+from .faults import FaultTolerance, NonFiniteLossError, ResumingCSVLogger, checkpoint_step
 from .memory import AtomicCheckpointIO, apply_activation_checkpointing, compile_blocks
 from .module import CausalLMTask
 
 log = logging.getLogger("train")
+# Lightning checks for a stateful DataLoader; the data position here lives in the DataModule's
+# state instead (ResumableSampler), so resuming mid-epoch is exact and its warning does not apply.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 @dataclass
@@ -50,6 +56,10 @@ def train(cfg: DictConfig) -> RunResult:
 
     init = cfg.init
     if stage == "finetune" and init is None and cfg.resume is None:
+        if _is_multiprocess(cfg.trainer) and not base_path(cfg).exists():
+            # Each rank would pretrain the base under a nested multi-process Trainer of its own.
+            raise ConfigError(f"no bundled base at {base_path(cfg)} for this model and data; pretrain it once in one "
+                              "process (`python train.py` with the same model and data) or pass init=PATH.")
         init = str(bundled_base(cfg, run_dir))
     pretrained = _load_init(init) if init is not None else None
 
@@ -84,7 +94,9 @@ def train(cfg: DictConfig) -> RunResult:
         tokenizer_path=str(tokenizer.path),
         loss_chunk_tokens=int(levers["loss_chunk_tokens"]),
         weights_follow=pretrained is not None,
+        on_nonfinite=str(levers["on_nonfinite"]),
     )
+    check_window_fits(task.model.position, seq_len, args.max_seq_len)
     if pretrained is not None:
         _load_weights(task, pretrained)
     apply_activation_checkpointing(task.model, levers["activation_checkpointing"])
@@ -92,11 +104,15 @@ def train(cfg: DictConfig) -> RunResult:
         compile_blocks(task.model)
 
     trainer = _trainer(trainer_cfg, levers, task, run_dir, int(recipe.max_steps), seq_len, int(recipe.batch_size), cfg)
+    checkpoints = run_dir / "checkpoints"
     started = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.resume)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.resume)
+    except NonFiniteLossError as error:  # say which checkpoint is left to go back to
+        last = checkpoints / "last.ckpt"
+        raise NonFiniteLossError(error.value, error.step, last if last.exists() else None) from None
     elapsed = time.perf_counter() - started
 
-    checkpoints = run_dir / "checkpoints"
     # ModelCheckpoint saves "last" after validation; a run that stops at max_steps between two
     # validations would otherwise leave a "last" that is not the last step.
     trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # with optimizer state: resumable
@@ -114,6 +130,7 @@ def train(cfg: DictConfig) -> RunResult:
         log.info("done in %.0f s: %s", elapsed, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         if stage == "pretrain" and cfg.init is None and cfg.register_base and _is_default_base(cfg):
             _register_base(cfg, result.last_checkpoint)
+    trainer.strategy.barrier("registered")  # other ranks return only once rank 0's files are in place
     return result
 
 
@@ -134,7 +151,16 @@ def _run_dir(cfg: DictConfig) -> Path:
     return path
 
 
+def _is_multiprocess(trainer: DictConfig) -> bool:
+    """Whether the run will start (or is one of) several processes."""
+    return (trainer.devices not in (1, "1", [0]) or int(trainer.num_nodes) > 1
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
 def _load_init(init: str) -> Pretrained:
+    if (Path(init) / "meta.pt").is_file():
+        raise ConfigError(f"init={init} is a sharded (FSDP) checkpoint; resume it with resume={init}, or make one "
+                          f"file first: python -m training.consolidate {init} OUT.ckpt")
     try:
         return load_pretrained(init, dtype=torch.float32)  # float32 master weights; autocast makes the bf16 copies
     except CheckpointError as error:
@@ -170,22 +196,22 @@ def _trainer(
     batch_size: int,
     cfg: DictConfig,
 ) -> L.Trainer:
-    checkpointing = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor="val/loss",
-        mode="min",
-        save_top_k=1,
-        save_last=True,
-        auto_insert_metric_name=False,
-    )
+    checkpoints = run_dir / "checkpoints"
+    best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                           auto_insert_metric_name=False)
+    # last.ckpt every N steps (after the optimizer step, so a resume repeats nothing), or at each
+    # validation when N is 0; writes are atomic, so a crash mid-write keeps the previous one.
+    every = levers["checkpoint_every_n_steps"] or None
+    last = ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=every)
     peak = levers["peak_tflops"] * 1e12 if levers["peak_tflops"] else None
     if peak is None and trainer_cfg["accelerator"] in ("gpu", "cuda") and torch.cuda.is_available():
         peak = measured_matmul_peak(torch.device("cuda"))
         log.info("MFU denominator: measured bf16 matmul peak %.0f TFLOP/s", peak / 1e12)
     tokens_per_step = seq_len * batch_size * int(trainer_cfg.get("accumulate_grad_batches", 1))
     callbacks: list[L.Callback] = [
-        checkpointing,
+        best,  # first: trainer.checkpoint_callback, whose best_model_path the summary reports
+        last,
+        FaultTolerance(checkpoints / "last.ckpt"),
         Throughput(tokens_per_step, task.flops_per_token(seq_len), peak, every=int(trainer_cfg["log_every_n_steps"])),
     ]
     if cfg.eval.every_n_steps:
@@ -196,10 +222,13 @@ def _trainer(
                                                max_documents=int(cfg.eval.max_documents),
                                                passkey_trials=int(cfg.eval.passkey_trials),
                                                out_path=run_dir / "eval_by_step.json"))
-    loggers: list[Any] = [CSVLogger(run_dir, name="logs", version="")]
+    resumed_at = checkpoint_step(cfg.resume) if cfg.resume is not None else None
+    # Flushed every logging interval, so a killed run loses at most that many rows.
+    loggers: list[Any] = [ResumingCSVLogger(run_dir, name="logs", version="", keep_before_step=resumed_at,
+                                            flush_logs_every_n_steps=int(trainer_cfg["log_every_n_steps"]))]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", version=""))
-    strategy = _strategy(trainer_cfg.pop("strategy"), levers)
+    strategy = build_strategy(trainer_cfg.pop("strategy"))
     val_every = min(int(trainer_cfg.pop("val_check_interval")), max_steps)
     return L.Trainer(
         **trainer_cfg,
@@ -210,19 +239,10 @@ def _trainer(
         callbacks=callbacks,
         logger=loggers,
         plugins=[AtomicCheckpointIO()] if strategy in ("auto", "ddp") else None,
+        # The DataModule's ResumableSampler shards the data itself (and resumes mid-epoch).
+        use_distributed_sampler=False,
         default_root_dir=run_dir,
     )
-
-
-def _strategy(name: str, levers: dict[str, Any]) -> Any:
-    """Strategy names from conf/trainer; FSDP wraps each transformer block as one unit."""
-    if name != "fsdp":
-        return name
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from model.llama import Block
-
-    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="sharded", sharding_strategy="FULL_SHARD")
 
 
 # ----------------------------------------------------------------------------- the bundled base
@@ -252,9 +272,14 @@ def _is_default_base(cfg: DictConfig) -> bool:
 def _register_base(cfg: DictConfig, checkpoint: Path) -> None:
     target = base_path(cfg)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    shutil.copyfile(checkpoint, tmp)
-    os.replace(tmp, target)
+    if checkpoint.is_dir():  # a sharded (trainer=fsdp) checkpoint: the base is its one-file form
+        from .consolidate import consolidate
+
+        consolidate(checkpoint, target, force=True)
+    else:
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(checkpoint, tmp)
+        os.replace(tmp, target)
     log.info("registered as the bundled base for this model and data: %s (fine-tunes with init=null start here)", target)
 
 

@@ -1,0 +1,145 @@
+"""Scaling out on CPU: DDP and FSDP2 (2 processes, gloo) train like one process with the same global batch,
+FSDP saves and resumes sharded checkpoints, and those consolidate into one ordinary checkpoint.
+
+The multi-process runs go through train.py in a subprocess: Lightning's launcher starts the other
+ranks by re-running sys.argv, which under pytest would re-run the test session.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import compose_config
+
+from data.datamodule import ResumableSampler
+from model.checkpoints import load_pretrained
+from training.config import ConfigError
+from training.consolidate import consolidate, is_sharded_checkpoint
+from training.distributed import ShardedDataParallel, build_strategy
+from training.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A constant lr after warmup, so that a run stopped at step 4 and resumed to 6 follows the same
+# schedule as one run of 6 steps; last.ckpt every 2 steps.
+COMMON = ["stage=pretrain", "optim.pretrain.schedule=constant", "trainer.checkpoint_every_n_steps=2",
+          "trainer.val_check_interval=3", "register_base=false"]
+STEPS = 6
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    with (run_dir / "logs" / "metrics.csv").open(newline="") as handle:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def one_process(cache_dir, tmp_path_factory):
+    """The reference: one process, global batch 4 (it also builds the token cache the ranks share)."""
+    run_dir = tmp_path_factory.mktemp("one_process")
+    cfg = compose_config("experiment=smoke", f"data.cache_dir={cache_dir}", f"run_dir={run_dir}", *COMMON,
+                         "optim.pretrain.batch_size=4", f"optim.pretrain.max_steps={STEPS}")
+    result = train(cfg)
+    return {"run_dir": run_dir, "losses": losses(run_dir),
+            "weights": torch.load(result.last_checkpoint, weights_only=True)["state_dict"]}
+
+
+def run_train(cache_dir: Path, run_dir: Path, *overrides: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    args = ["experiment=smoke", f"data.cache_dir={cache_dir}", f"run_dir={run_dir}", *COMMON, *overrides]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def assert_close_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- fast
+
+
+def test_the_ranks_batches_together_are_the_one_process_batch():
+    """2 ranks x batch 2 read exactly the 4 samples that 1 process x batch 4 reads, pass after pass."""
+    seen = [0]
+    one = list(ResumableSampler(10, seed=3, position=lambda: seen[0]))
+    ranks = [list(ResumableSampler(10, seed=3, position=lambda: seen[0], rank=r, world_size=2)) for r in (0, 1)]
+    for b in range(len(one) // 4):  # global batch b
+        together = ranks[0][2 * b:2 * b + 2] + ranks[1][2 * b:2 * b + 2]
+        assert sorted(together) == sorted(one[4 * b:4 * b + 4])
+    # From a saved position, the stream continues where it was, across the end of a pass.
+    seen[0] = 8
+    assert list(ResumableSampler(10, seed=3, position=lambda: seen[0]))[:4] == (one + list(
+        ResumableSampler(10, seed=4, position=lambda: 0)))[8:12]
+
+
+def test_fsdp_is_fsdp2_through_lightnings_model_parallel_strategy():
+    strategy = build_strategy("fsdp")
+    assert isinstance(strategy, ShardedDataParallel) and strategy._tensor_parallel_size == 1
+    assert build_strategy("ddp") == "ddp"
+
+
+def test_a_distributed_fine_tune_without_a_cached_base_asks_for_one_first(tmp_path):
+    cfg = compose_config("experiment=smoke", f"data.cache_dir={tmp_path / 'empty_cache'}", f"run_dir={tmp_path / 'run'}",
+                         "position=pi", "scale=2", "trainer.devices=2", "trainer.strategy=ddp")
+    with pytest.raises(ConfigError, match="pretrain it once in one process"):
+        train(cfg)
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(cache_dir, one_process, tmp_path):
+    run_train(cache_dir, tmp_path, "trainer.devices=2", "trainer.strategy=ddp", "optim.pretrain.batch_size=2",
+              f"optim.pretrain.max_steps={STEPS}")
+    got, expected = losses(tmp_path), one_process["losses"]
+    assert sorted(got) == sorted(expected) == list(range(STEPS))
+    for step in expected:  # the logged loss is the global batch's (synchronised over ranks)
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    assert_close_weights(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"],
+                         one_process["weights"])
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_trains_saves_shards_resumes_and_consolidates(cache_dir, one_process, tmp_path):
+    fsdp = ["trainer.devices=2", "trainer.strategy=fsdp", "trainer.activation_checkpointing=full",
+            "optim.pretrain.batch_size=2"]
+    run_train(cache_dir, tmp_path, *fsdp, "optim.pretrain.max_steps=4")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and is_sharded_checkpoint(last)
+    assert sorted(p.name for p in last.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+    run_train(cache_dir, tmp_path, *fsdp, f"optim.pretrain.max_steps={STEPS}", f"resume={last}")
+
+    got, expected = losses(tmp_path), one_process["losses"]
+    assert sorted(got) == list(range(STEPS))  # steps 0-3 from the first run, 4-5 from the resumed one
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    # Old shard folders were replaced, not piled up: last and best, one folder each.
+    assert len([p for p in last.parent.iterdir() if p.is_dir() and not p.is_symlink()]) == 2
+
+    single = consolidate(last, tmp_path / "consolidated.ckpt")
+    assert torch.load(single, weights_only=True)["global_step"] == STEPS
+    assert_close_weights(torch.load(single, weights_only=True)["state_dict"], one_process["weights"])
+    loaded = load_pretrained(single)  # an ordinary project checkpoint
+    assert loaded.args.n_layers == 2 and loaded.position["kind"] == "rope"
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_mixed_and_activation_checkpointing_trains_close_to_float32(cache_dir, one_process, tmp_path):
+    run_train(cache_dir, tmp_path, "trainer.devices=2", "trainer.strategy=fsdp", "trainer.activation_checkpointing=full",
+              "trainer.precision=bf16-mixed", "optim.pretrain.batch_size=2", "optim.pretrain.max_steps=3")
+    got = losses(tmp_path)
+    for step in range(3):
+        assert got[step] == pytest.approx(one_process["losses"][step], abs=0.05), step
