@@ -14,7 +14,7 @@
 # test_gpu.log, bench.log, bench.md, bench.json, compile.log, compile.md, compile.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export OUT=${OUT:-/tmp/bench-out}
+export OUT=${OUT:-${TMPDIR:-/tmp}/bench-out}
 mkdir -p "$OUT"
 steps=${*:-tests bench compile}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -24,9 +24,9 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 if python3 -c "import hydra, omegaconf" 2>/dev/null; then
   export PYTHONPATH=$PWD
 else
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${TMPDIR:-/tmp}/site" .whl/*.whl \
     || { echo "run_gpu.sh: could not install .whl/*.whl (copy ../shared/gpu-wheels there and carry .whl)"; exit 2; }
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH="${TMPDIR:-/tmp}/site:$PWD"
 fi
 
 status=0

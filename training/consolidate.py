@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model.checkpoints import PROJECT_KEY, CheckpointError
+from model.checkpoints import PROJECT_KEY, CheckpointError, atomic_write
 
 META_FILE = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards
 STATE_PREFIX = "state_dict."
@@ -83,17 +82,7 @@ def consolidate(source: str | os.PathLike, destination: str | os.PathLike, *, fo
     if destination.exists() and not force:
         raise CheckpointError(f"{destination} exists; pass --force to replace it.")
     state = consolidated_state(source)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(destination, lambda handle: torch.save(state, handle))
     return destination
 
 
