@@ -57,7 +57,7 @@ def project(tmp_path_factory, tokenizer):  # noqa: F811
 
 
 def _data_overrides(project) -> list[str]:
-    return [f"data=jsonl", f"data.path={project['docs']}", f"data.cache_dir={project['root'] / 'cache'}"]
+    return ["data=jsonl", f"data.path={project['docs']}", f"data.cache_dir={project['root'] / 'cache'}"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
