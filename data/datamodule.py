@@ -18,6 +18,8 @@ from data import sources
 from data.errors import DataError
 from data.packing import PackedWindows
 from data.splits import SPLITS
+from data.synthetic_passkey import RECIPE as PASSKEY_RECIPE
+from data.synthetic_passkey import count_for_share, interleave, passkey_documents
 from data.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
 from data.tokens import TokenStore, cache_key, is_complete, write_token_cache
 
@@ -87,10 +89,16 @@ class TextDataModule(L.LightningDataModule):
         eval_batch_size: int = 8,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        passkey_share: float = 0.0,
+        passkey_max_tokens: int | None = None,
         seq_len: int,
         seed: int = 0,
     ) -> None:
-        """Store and sanity-check the settings; no file or data work happens here."""
+        """Store and sanity-check the settings; no file or data work happens here.
+
+        passkey_share > 0 mixes answered passkey prompts (data/synthetic_passkey.py) of at most
+        passkey_max_tokens tokens (None: seq_len) into the train split, as that share of its tokens.
+        """
         super().__init__()
         sources.check_source(source)
         for name, value, low in (
@@ -101,6 +109,10 @@ class TextDataModule(L.LightningDataModule):
         ):
             if not isinstance(value, int) or value < low:
                 raise DataError(f"data setting {name}={value!r} is invalid; use an integer >= {low}")
+        if isinstance(passkey_share, bool) or not isinstance(passkey_share, (int, float)) or not 0 <= passkey_share < 1:
+            raise DataError(f"data.passkey_share={passkey_share!r} must be a fraction in [0, 1), e.g. 0.1 (0: none)")
+        if passkey_max_tokens is not None and (not isinstance(passkey_max_tokens, int) or passkey_max_tokens < 1):
+            raise DataError(f"data.passkey_max_tokens={passkey_max_tokens!r} must be a positive integer (null: seq_len)")
         if tokenizer is None and (not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE):
             raise DataError(
                 f"vocab_size={vocab_size!r} is too small to train a tokenizer; use at least {MIN_VOCAB_SIZE}"
@@ -119,6 +131,8 @@ class TextDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.seq_len = seq_len
         self.seed = seed
+        self.passkey_share = float(passkey_share)
+        self.passkey_max_tokens = passkey_max_tokens or seq_len
         self._tokenizer: Tokenizer | None = None
         self._identity: dict[str, Any] | None = None
         self._documents: dict[str, list[str]] | None = None
@@ -137,7 +151,7 @@ class TextDataModule(L.LightningDataModule):
             log.info("using cached tokens at %s", directory)
         else:
             log.info("tokenizing %s with tokenizer %s into %s", self.source, tok.fingerprint, directory)
-            write_token_cache(directory, self._load_documents(), tok, self._source_identity())
+            write_token_cache(directory, self._training_documents(), tok, self._cache_identity())
         # The raw texts are only needed to build caches; free them.
         self._documents = None
 
@@ -175,7 +189,7 @@ class TextDataModule(L.LightningDataModule):
     def token_dir(self) -> Path:
         """<cache_dir>/tokens/<key> for this tokenizer and source."""
         if self._token_dir is None:
-            key = cache_key(self.tokenizer.fingerprint, self._source_identity())
+            key = cache_key(self.tokenizer.fingerprint, self._cache_identity())
             self._token_dir = self.cache_dir / "tokens" / key
         return self._token_dir
 
@@ -266,6 +280,33 @@ class TextDataModule(L.LightningDataModule):
                 self.source, self.path, self.text_field, self.hf_name, self.hf_config
             )
         return self._identity
+
+    def _cache_identity(self) -> dict[str, Any]:
+        """What the token cache holds: the source, plus the synthetic passkey mix when there is one.
+
+        The tokenizer is keyed by the source alone, so a passkey mix reuses the corpus' tokenizer.
+        """
+        identity = dict(self._source_identity())
+        if self.passkey_share > 0:
+            identity["passkey"] = {"share": self.passkey_share, "max_tokens": self.passkey_max_tokens, "seed": self.seed,
+                                   "recipe": PASSKEY_RECIPE}
+        return identity
+
+    def _training_documents(self) -> dict[str, list[str]]:
+        """The source's documents, with the passkey share mixed into the train split (never validation/test)."""
+        documents = self._load_documents()
+        if self.passkey_share == 0:
+            return documents
+        train = documents.get("train", [])
+        corpus_tokens = sum(len(ids) for ids in self.tokenizer.encode_batch(train, bos=True, eos=True))
+        # Sized from a sample: the mean length of the documents the generator makes.
+        sample = passkey_documents(self.tokenizer, 64, self.passkey_max_tokens, self.seed)
+        mean_tokens = sum(len(ids) for ids in self.tokenizer.encode_batch(sample, bos=True, eos=True)) / len(sample)
+        count = count_for_share(self.passkey_share, corpus_tokens, mean_tokens)
+        extra = passkey_documents(self.tokenizer, count, self.passkey_max_tokens, self.seed)
+        log.info("mixing %d passkey documents (<= %d tokens each, %.0f%% of train tokens) into the train split",
+                 count, self.passkey_max_tokens, 100 * self.passkey_share)
+        return {**documents, "train": interleave(train, extra, self.seed)}
 
     def _load_documents(self) -> dict[str, list[str]]:
         """Raw document texts per split, loaded at most once per prepare."""

@@ -18,15 +18,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from data.synthetic_passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION  # one wording for training and evaluation
 from evaluation.errors import EvaluationError
 
-INSTRUCTION = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-    "I will quiz you about the important information there."
-)
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
 DEFAULT_THRESHOLD = 0.2  # the paper: every k' <= k_max retrieves the key in at least 20% of trials
 
 

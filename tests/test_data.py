@@ -392,3 +392,60 @@ def test_config_keys_match_constructor(name: str) -> None:
     else:
         dm = TextDataModule(**OmegaConf.to_container(cfg), seq_len=8, seed=0)  # cheap: no data work
         assert dm.vocab_size == (32000 if name == "pg19" else 4096)
+
+
+# -- synthetic passkey documents ----------------------------------------------------------------
+
+
+def test_passkey_documents_fit_the_window_and_cover_it(tok: Tokenizer) -> None:
+    from data.synthetic_passkey import FILLER, KEY_LINE, QUESTION, passkey_documents
+
+    documents = passkey_documents(tok, 200, max_tokens=256, seed=3)
+    lengths = [len(tok.encode(d, bos=True, eos=True)) for d in documents]
+    assert max(lengths) <= 256 and max(lengths) > 256 - 2 * len(tok.encode(FILLER, bos=False))
+    distances = []
+    for text in documents:
+        key = text.rsplit(" ", 1)[1].rstrip(".")
+        assert len(key) == 5 and key.isdigit()
+        assert KEY_LINE.format(key=key) in text and text.endswith(f"{QUESTION} {key}.")
+        distances.append(len(text) - text.index(KEY_LINE.format(key=key)))
+    # The key-to-question distance spreads over the window, word by word: a few fixed offsets
+    # (whole filler repeats only) could be learnt by position instead of by content.
+    assert min(distances) < 2 * len(FILLER) and max(distances) > 5 * len(FILLER)
+    after = [len(text.split(" is the pass key. ")[1].split()) - len(QUESTION.split()) - 1 for text in documents]
+    assert len(set(after)) > 50 and {n % len(FILLER.split()) for n in after} == set(range(len(FILLER.split())))
+    assert passkey_documents(tok, 5, 256, seed=3) == documents[:5]  # seeded
+
+
+def test_passkey_mix_is_the_requested_share_of_train_only(shk: TextDataModule) -> None:
+    mixed = TextDataModule(seq_len=128, batch_size=4, cache_dir=str(shk.cache_dir), seed=0,
+                           passkey_share=0.1, passkey_max_tokens=128).prepare()
+    assert mixed.tokenizer.path == shk.tokenizer.path  # the corpus' tokenizer, not a new one
+    assert mixed.token_dir != shk.token_dir
+    plain, extra = shk.documents("train"), mixed.documents("train")
+    added = [d for d in extra if len(d) <= 128]
+    assert len(extra) == len(plain) + len(added) and all(len(d) <= 128 for d in added)
+    share = sum(map(len, added)) / sum(map(len, extra))
+    assert 0.095 < share < 0.11, share
+    key_line = shk.tokenizer.encode("Remember it.", bos=False)
+    assert all(_contains(d.tolist(), key_line) for d in added)
+    for split in ("validation", "test"):
+        assert [d.tolist() for d in mixed.documents(split)] == [d.tolist() for d in shk.documents(split)]
+
+
+def _contains(haystack: list[int], needle: list[int]) -> bool:
+    return any(haystack[i : i + len(needle)] == needle for i in range(len(haystack) - len(needle) + 1))
+
+
+@pytest.mark.parametrize("settings", [{"passkey_share": 1.0}, {"passkey_share": -0.1}, {"passkey_share": "a"},
+                                      {"passkey_max_tokens": 0}])
+def test_bad_passkey_settings(settings: dict, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="passkey_"):
+        TextDataModule(seq_len=64, cache_dir=str(tmp_path), **settings)
+
+
+def test_passkey_window_too_short_for_a_document(tok: Tokenizer) -> None:
+    from data.synthetic_passkey import passkey_documents
+
+    with pytest.raises(DataError, match="passkey_max_tokens=20"):
+        passkey_documents(tok, 1, max_tokens=20, seed=0)

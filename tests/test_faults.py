@@ -115,24 +115,30 @@ def _nan_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(CausalLMTask, "_nll", nll)
 
 
-def test_a_nan_loss_stops_the_run_in_one_sentence_and_keeps_the_last_good_checkpoint(cache_dir, tmp_path, monkeypatch):
+# fused=False checks the loss on the host every step; fused=True skips on the device through the
+# fused AdamW's found_inf and reads the record back once per log interval.
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_nan_loss_stops_the_run_in_one_sentence_and_keeps_the_last_good_checkpoint(cache_dir, tmp_path, monkeypatch, fused):
     _nan_at_step(monkeypatch, 3)
     cfg = smoke(cache_dir, tmp_path, "stage=pretrain", "optim.pretrain.max_steps=6", "trainer.checkpoint_every_n_steps=1",
-                "register_base=false")
+                "register_base=false", f"optim.fused={fused}", "trainer.log_every_n_steps=2")
     with pytest.raises(NonFiniteLossError, match=r"the training loss became nan at step 3, so the run stopped before "
                                                   r"that step changed any weight, and .*last.ckpt is the last good "
                                                   r"checkpoint; .*on_nonfinite=skip"):
         train(cfg)
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == 3
+    # On the device path the run stops at the next check (step 4), but nothing was updated after step 3.
+    assert saved["global_step"] == (4 if fused else 3)
+    assert {int(state["step"]) for state in saved["optimizer_states"][0]["state"].values()} == {3}
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_on_nonfinite_skip_leaves_the_weights_and_optimizer_untouched_for_that_step(cache_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_on_nonfinite_skip_leaves_the_weights_and_optimizer_untouched_for_that_step(cache_dir, tmp_path, monkeypatch, fused):
     _nan_at_step(monkeypatch, 2)
     cfg = smoke(cache_dir, tmp_path, "stage=pretrain", "optim.pretrain.max_steps=4", "trainer.on_nonfinite=skip",
-                "register_base=false")
+                "register_base=false", f"optim.fused={fused}")
     result = train(cfg)
     saved = torch.load(result.last_checkpoint, weights_only=True)
     assert saved["global_step"] == 4  # a skipped step still counts
@@ -140,6 +146,45 @@ def test_on_nonfinite_skip_leaves_the_weights_and_optimizer_untouched_for_that_s
     adam = saved["optimizer_states"][0]["state"]
     assert {int(state["step"]) for state in adam.values()} == {3}  # AdamW stepped 3 times, not 4
     assert result.metrics["train/skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_bad_micro_batch_skips_its_whole_accumulated_step(cache_dir, tmp_path, monkeypatch, fused):
+    from training.module import CausalLMTask
+
+    calls = []
+    original = CausalLMTask._nll
+
+    def nll(self, batch):
+        value, tokens = original(self, batch)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:  # the first micro-batch of step 1 only; its second one is finite
+                value = value * float("nan")
+        return value, tokens
+
+    monkeypatch.setattr(CausalLMTask, "_nll", nll)
+    cfg = smoke(cache_dir, tmp_path, "stage=pretrain", "optim.pretrain.max_steps=3", "trainer.on_nonfinite=skip",
+                "register_base=false", "trainer.accumulate_grad_batches=2", f"optim.fused={fused}")
+    result = train(cfg)
+    saved = torch.load(result.last_checkpoint, weights_only=True)
+    assert saved["global_step"] == 3
+    assert {int(state["step"]) for state in saved["optimizer_states"][0]["state"].values()} == {2}
+    assert result.metrics["train/skipped_steps"] == 1
+
+
+def test_the_fused_path_never_reads_the_loss_on_the_host_between_checks(cache_dir, tmp_path, monkeypatch):
+    """The device path's only reads are the checks, once per log interval (the lever for GPU step overhead)."""
+    from training.module import CausalLMTask
+
+    reads = []
+    original = CausalLMTask._check_device_flags
+    monkeypatch.setattr(CausalLMTask, "_check_device_flags", lambda self, *a, **k: (reads.append(self.trainer.global_step), original(self, *a, **k)))
+    monkeypatch.setattr(CausalLMTask, "_any_rank_nonfinite", lambda self, loss: pytest.fail("a per-step host check ran"))
+    cfg = smoke(cache_dir, tmp_path, "stage=pretrain", "optim.pretrain.max_steps=6", "register_base=false",
+                "optim.fused=true", "trainer.log_every_n_steps=3")
+    train(cfg)
+    assert reads == [3, 6, 6]  # two intervals, then once more at the end of training
 
 
 def test_a_sharded_checkpoint_is_switched_in_atomically_and_a_failed_save_keeps_the_old_one(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ class TokenPerplexity(Metric):
         self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, nll_sum: Tensor, tokens: int) -> None:
+    def update(self, nll_sum: Tensor, tokens: int | Tensor) -> None:
         self.nll += nll_sum.detach().double()
         self.tokens += tokens
 
@@ -68,6 +68,10 @@ class CausalLMTask(L.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
         self._skip_this_step = False
+        # Set in configure_optimizers: with a fused AdamW a non-finite step is skipped on the
+        # device (the optimizer's found_inf, as GradScaler does) and read back once per log interval.
+        self._skip_on_device = False
+        self._bad: dict[str, Any] = {}
         self._sharded = False
         # When pretrained weights will be assigned right after, build on the meta device:
         # a 7B model is then never materialised twice (random init + checkpoint).
@@ -85,12 +89,16 @@ class CausalLMTask(L.LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         nll, tokens = self._nll(batch)
         loss = nll / tokens
-        if self._any_rank_nonfinite(loss):
+        if self._skip_on_device:
+            finite = self._flag_nonfinite_on_device(loss)
+            self.train_ppl.update(torch.where(finite, nll.detach(), 0.0), finite.long() * tokens)
+        elif self._any_rank_nonfinite(loss):
             self._nonfinite(loss, batch_idx)
         else:
             self.train_ppl.update(nll, tokens)
         # sync_dist: the logged loss is the global batch's, as one process with the whole batch would log it.
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        # Not in the progress bar on GPU: the bar reads it every step, a host sync that stalls the queue.
+        self.log("train/loss", loss, prog_bar=self.device.type != "cuda", sync_dist=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("train/ppl", self.train_ppl, on_step=False, on_epoch=True)
         return loss
@@ -112,6 +120,59 @@ class CausalLMTask(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps))
         if self.trainer.is_global_zero:
             log.warning("loss %s at step %d (batch %d): step skipped (%d so far)", value, step, batch_idx, self.skipped_steps)
+
+    def _flag_nonfinite_on_device(self, loss: Tensor) -> Tensor:
+        """Mark this step for the fused optimizer to skip, without waiting for the GPU; returns `finite`.
+
+        Under on_nonfinite=stop the mark is sticky: once a step is bad every later update is skipped
+        too, so the weights stay those of the last good step until the next check stops the run.
+        """
+        bad = (~torch.isfinite(loss.detach())).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank skips alike
+        if not self._bad:
+            self._bad = {"count": torch.zeros((), device=loss.device),
+                         "first_step": torch.full((), -1, dtype=torch.long, device=loss.device),
+                         "first_value": torch.zeros((), device=loss.device)}
+        first = (bad > 0) & (self._bad["first_step"] < 0)
+        self._bad["first_step"] = torch.where(first, self.trainer.global_step, self._bad["first_step"])
+        self._bad["first_value"] = torch.where(first, loss.detach().float(), self._bad["first_value"])
+        # Micro-batches of one optimizer step (gradient accumulation) share global_step: any bad one skips it.
+        if self._bad.get("step") == self.trainer.global_step:
+            bad_this_step = torch.maximum(self._bad["this_step"], bad)
+            self._bad["count"] = self._bad["count"] + bad_this_step - self._bad["this_step"]
+        else:
+            bad_this_step = bad
+            self._bad["count"] = self._bad["count"] + bad
+        self._bad["step"], self._bad["this_step"] = self.trainer.global_step, bad_this_step
+        skip = bad_this_step if self.on_nonfinite == "skip" else (self._bad["count"] > 0).float()
+        self.trainer.optimizers[0].found_inf = skip
+        return bad == 0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step, last = self.trainer.global_step, self.trainer.max_steps
+        if self._skip_on_device and (step % self.trainer.log_every_n_steps == 0 or 0 < last <= step):
+            self._check_device_flags()
+
+    def on_train_end(self) -> None:
+        if self._skip_on_device:
+            self._check_device_flags(log_metric=False)  # Lightning allows no self.log here
+
+    def _check_device_flags(self, log_metric: bool = True) -> None:
+        """Read the device-side non-finite record (one host sync per log interval) and act on it."""
+        if not self._bad:
+            return
+        count = int(self._bad["count"].item())
+        if count == self.skipped_steps:
+            return
+        step, value = int(self._bad["first_step"].item()), float(self._bad["first_value"].item())
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(str(value) if not math.isfinite(value) else "non-finite on another process", step)
+        if self.trainer.is_global_zero:
+            log.warning("%d step(s) with a non-finite loss skipped so far (the first at step %d)", count, step)
+        self.skipped_steps = count
+        if log_metric:
+            self.log("train/skipped_steps", float(count))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._skip_this_step:
@@ -160,6 +221,10 @@ class CausalLMTask(L.LightningModule):
             eps=cfg["eps"],
             fused=fused,
         )
+        # Not under FSDP2 (DTensor parameters are not mixed with a plain found_inf tensor here) nor
+        # fp16's GradScaler (it sets found_inf itself, for its own overflow skipping).
+        fp16 = str(getattr(self.trainer, "precision", "")).startswith("16")
+        self._skip_on_device = bool(fused) and not self._sharded and not fp16
         max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else cfg["max_steps"]
         multiplier = warmup_then(
             cfg["schedule"], cfg["warmup_steps"], cfg["warmup_start_ratio"], max_steps, cfg.get("min_lr_ratio", 0.0)

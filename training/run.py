@@ -69,6 +69,8 @@ def train(cfg: DictConfig) -> RunResult:
     args = pretrained.args if pretrained is not None else None
     base_window = args.max_seq_len if args is not None else int(cfg.model.max_seq_len)
     seq_len = int(cfg.seq_len or round(base_window * float(cfg.scale)))
+    if data_cfg.get("passkey_max_tokens") is None:
+        data_cfg["passkey_max_tokens"] = base_window  # passkey documents stay within the base window L
     data_cfg["batch_size"] = int(recipe.batch_size)
     datamodule = TextDataModule(**data_cfg, seq_len=seq_len, seed=int(cfg.seed))
     tokenizer = datamodule.tokenizer

@@ -1,0 +1,219 @@
+"""Reproduce the paper's findings at small scale, in one command, with a report.
+
+    python reproduce.py                  # CPU: the bundled 5M model, L = 128 -> L' = 1024
+    python reproduce.py budget=gpu       # one H100/H200: a ~28M model, L = 256 -> 2048, bf16 (not yet run)
+    python reproduce.py budget=mini      # the pipeline in ~2 min (numbers meaningless)
+
+1. Pretrain a RoPE base at window L on the bundled corpus, with a share of answered passkey
+   prompts (each <= L tokens) so that it can retrieve within its own window.
+2. Extend it to L' = scale x L: PI fine-tuning (N steps), direct fine-tuning with extrapolated
+   positions (N and 10N steps), and without fine-tuning: the base read with plain RoPE, PI,
+   NTK-aware, dynamic NTK and YaRN.
+3. Evaluate all of them: sliding-window perplexity at L..L' (test split), passkey k_max, the
+   by-step table from the fine-tuning runs (validation split), the attention-bound analysis.
+4. Write report_dir/README.md (tables laid out like the paper's, its numbers beside ours, and a
+   verdict on each claim), PNG plots and results.json.
+Settings: conf/reproduce.yaml and conf/budget/. Checkpoints stay in work_dir (git-ignored).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("reproduce")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="reproduce")
+def main(cfg: DictConfig) -> None:
+    from data import DataError
+    from evaluation.errors import EvaluationError
+    from model.checkpoints import CheckpointError
+    from training.config import ConfigError
+    from training.faults import NonFiniteLossError
+
+    try:
+        reproduce(cfg)
+    except (ConfigError, DataError, CheckpointError, EvaluationError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def reproduce(cfg: DictConfig) -> Path:
+    """Run every stage (reusing finished ones) and write the report; returns the report folder."""
+    from reproduction.pipeline import Reproduction
+
+    run = Reproduction(cfg)
+    b = cfg.budget
+    n, n_long = int(b.finetune_steps), int(b.long_finetune_steps)
+    run.pretrain()
+    run.finetune("pi", f"PI, {n} steps", "pi", n, int(b.eval_every_n_steps))
+    run.finetune("ft", f"FT (direct), {n} steps", "rope", n, int(b.eval_every_n_steps))
+    run.finetune("ft_long", f"FT (direct), {n_long} steps", "rope", n_long, int(b.long_eval_every_n_steps))
+
+    base = {"name": "RoPE (base)", "ckpt": str(run.checkpoint("base"))}
+    evaluated = time.perf_counter()
+    extensions = run.evaluate("extensions", ["ppl", "passkey"], run.extension_variants(),
+                              **{"passkey.window": run.long_window})
+    own_window = run.evaluate("base_window", ["passkey"], [base], **{"passkey.window": run.window})
+    attention = run.evaluate("attention", ["attention"], [base])
+    timings = {name: stage.seconds for name, stage in run.stages.items()}
+    timings["evaluation"] = time.perf_counter() - evaluated
+    timings["total"] = sum(timings.values())  # each stage's own run time, also when reused from an earlier call
+    return write_report(cfg, run, extensions, own_window["passkey"][base["name"]], attention, timings)
+
+
+def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], base_passkey: dict[str, Any],
+                 attention: dict[str, Any], timings: dict[str, float]) -> Path:
+    from evaluation import report as tables
+    from model.checkpoints import atomic_directory
+    from reproduction import report
+    from reproduction.claims import Numbers, judge_all
+    from reproduction.pipeline import NO_FINE_TUNING, device_description
+
+    L, long_window, windows = run.window, run.long_window, run.windows
+    stages = run.stages
+    pi, ft, ft_long = stages["pi"].title, stages["ft"].title, stages["ft_long"].title
+    ppl = extensions["ppl_table"]
+    k_max = {name: result["k_max"] for name, result in extensions["passkey"].items()}
+    numbers = Numbers(
+        window=L, long_window=long_window, ppl=ppl, base=NO_FINE_TUNING[0][0], pi=pi, fine_tuned=[ft, ft_long],
+        k_max=k_max, largest_k=max(r["distances"][-1] for r in extensions["passkey"].values()),
+        base_k_max_at_window=base_passkey["k_max"], base_largest_k_at_window=base_passkey["distances"][-1],
+    )
+    claims = judge_all(numbers)
+    by_step = {pi: run.by_step("pi"), ft: run.by_step("ft"), ft_long: run.by_step("ft_long")}
+    device = device_description(str(cfg.budget.trainer))
+    today = datetime.date.today().isoformat()
+    budget = OmegaConf.to_container(cfg.budget, resolve=True)
+    command = "python reproduce.py" + ("" if budget["name"] == "cpu" else f" budget={budget['name']}")
+
+    with atomic_directory(Path(str(cfg.report_dir)), force=True) as out:
+        eval_dir = run.work / "eval"
+        figures = {
+            "ppl": report.copy_figure(eval_dir / "extensions" / "ppl.png", out / "ppl_by_window.png"),
+            "passkey": report.copy_figure(eval_dir / "extensions" / "passkey.png", out / "passkey.png"),
+            "attention": report.copy_figure(eval_dir / "attention" / "attention.png", out / "figure2_fit.png"),
+        }
+        report.plot_by_step(out / "by_step.png", by_step, long_window)
+        base_figures = [f for f in attention["figures"] if f.startswith("attention_")]
+        if base_figures:
+            figures["base_qk"] = report.copy_figure(eval_dir / "attention" / base_figures[0], out / "figure2_base_qk.png")
+        corpus = run.train_tokens()
+        stage_rows = [[s.name, s.title, f"`{s.command}`", f"{run.tokens_seen(s.name) / 1e6:.2f}M ({run.tokens_seen(s.name) / corpus:.2f})",
+                       f"{s.seconds:.0f}" + (" (reused)" if s.reused else ""),
+                       f"{tables.format_ppl(_val_ppl(s.summary))} at {s.summary['seq_len']}"] for s in stages.values()]
+        verdicts = ", ".join(f"claim {c.number} {c.verdict}" for c in claims)
+        text = f"""# Position Interpolation, reproduced at small scale ({budget['name']})
+
+`{command}` on {today}, {device}. Total {timings['total'] / 60:.1f} min (evaluation {timings['evaluation'] / 60:.1f} min).
+Seed {cfg.seed}. Base window L = {L}, extended window L' = {long_window} (scale {cfg.scale}).
+
+**Verdicts:** {verdicts}.
+
+## Setup
+
+- Model: `model={budget['model']}` ({_shape(run)}), trained with `trainer={budget['trainer']}` on the bundled Shakespeare corpus
+  (36 train / 3 validation / 3 test plays, split by play).
+- Passkey mix: {_share_text(cfg, L)}
+- Fine-tuning recipe (all extensions): AdamW betas 0.9/0.95, weight decay 0, 20 warmup steps from 10% of
+  lr {budget['finetune_lr']}, then constant; batch {budget['finetune_batch_size']} x {long_window} tokens.
+  N = {budget['finetune_steps']} (the paper: 1000 for PI), the long direct fine-tune {budget['long_finetune_steps']} steps
+  (the paper: 10000).
+- Nothing was tuned on the test plays: the by-step tables use the validation plays, the final tables the test plays.
+
+The train split holds {corpus / 1e6:.2f}M tokens; "tokens (passes)" counts what each stage trained on.
+
+{tables.markdown_table(["stage", "what", "command", "tokens (passes)", "seconds", "final val ppl (window)"], stage_rows)}
+
+## Claims
+
+{report.claims_section(claims)}
+
+## Table 1 analog: perplexity by evaluation window
+
+Sliding window, stride {min(256, L)}, the test plays{_ppl_cut(budget)}. "No fine-tuning" rows read the RoPE base
+with that scaling at scale {cfg.scale}.
+
+{report.ppl_section(windows, L, ppl)}
+
+![perplexity by window]({figures['ppl']})
+
+## Table 3 analog: by fine-tuning step
+
+Validation plays ({budget['eval_documents']} documents, first 4096 tokens each), passkey with
+{budget['eval_passkey_trials']} trials at each of 8 distances up to L'. Step 0 is the base read with the run's encoding.
+The paper: {report.PAPER_BY_STEP}
+
+{report.by_step_section(by_step, windows, L)}
+
+![by step](by_step.png)
+
+## Table 4 analog: passkey retrieval
+
+{budget['passkey_trials']} random keys at each of {budget['passkey_positions']} distances up to the window; k_max is the
+largest k such that every k' <= k succeeds in at least 20% of the trials. The paper: {report.PAPER_PASSKEY}
+
+{report.passkey_section(extensions['passkey'], 'RoPE (base)', base_passkey)}
+
+![passkey]({figures['passkey']})
+
+## Figure 2 analog: attention-score bounds
+
+The paper: {report.PAPER_FIGURE_2}
+
+{report.attention_section(attention['attention'], 'RoPE (base)')}
+
+![Figure 2 fit]({figures['attention']})
+{f"![base q/k]({figures['base_qk']})" if 'base_qk' in figures else ''}
+
+Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not committed).
+"""
+        (out / "README.md").write_text(text)
+        tables.write_json(out / "results.json", {
+            "command": command, "date": today, "device": device, "settings": OmegaConf.to_container(cfg, resolve=True),
+            "timings_s": timings, "stages": {s.name: {"title": s.title, "command": s.command, "summary": s.summary}
+                                             for s in stages.values()},
+            "ppl": ppl, "passkey": extensions["passkey"], "passkey_base_at_L": base_passkey, "by_step": by_step,
+            "attention": attention["attention"], "claims": [c.__dict__ for c in claims],
+        })
+    log.info("report: %s (%s)", Path(str(cfg.report_dir)) / "README.md", verdicts)
+    print(f"report written to {Path(str(cfg.report_dir)).resolve() / 'README.md'}: {verdicts}")
+    return Path(str(cfg.report_dir))
+
+
+def _val_ppl(summary: dict[str, Any]) -> float | None:
+    return summary.get("metrics", {}).get("val/ppl")
+
+
+def _shape(run: Any) -> str:
+    from model.checkpoints import load_pretrained
+
+    pretrained = load_pretrained(run.checkpoint("base"))
+    args, params = pretrained.args, pretrained.build_model(pretrained.position).num_parameters()
+    return (f"dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads ({args.n_kv_heads} kv), "
+            f"vocab {args.vocab_size}, {params / 1e6:.1f}M parameters")
+
+
+def _share_text(cfg: DictConfig, window: int) -> str:
+    if not cfg.budget.passkey_share:
+        return "none: the training data is the corpus alone."
+    return (f"{cfg.budget.passkey_share:.0%} of the training tokens (pretraining and fine-tuning) are answered passkey prompts "
+            f"in the paper's wording, each at most L = {window} tokens long, so "
+            "the base learns to retrieve within its own window only. Evaluation keys are drawn independently.")
+
+
+def _ppl_cut(budget: dict[str, Any]) -> str:
+    cut = budget.get("ppl_max_tokens_per_document")
+    return f" (first {cut} tokens of each)" if cut else " (whole)"
+
+
+if __name__ == "__main__":
+    main()

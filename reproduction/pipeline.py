@@ -1,0 +1,210 @@
+"""The reproduction's stages: one RoPE base, its extensions to scale x L, and their evaluations.
+
+Every training stage is a `training.run.train` call on a config composed from conf/ (the same
+path as `python train.py ...`, whose overrides are logged), and every evaluation an
+`evaluation.run.evaluate` call (the same as `python evaluate.py ...`). A finished stage is
+reused when its settings are unchanged, so an interrupted reproduction picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("reproduce")
+
+# The rows of the final tables: (name, run that holds the weights, position it is read with).
+# None: the run's own encoding. The base rows read the RoPE base without any fine-tuning.
+NO_FINE_TUNING = (
+    ("RoPE (base), no fine-tuning", {"kind": "rope"}),
+    ("PI, no fine-tuning", {"kind": "pi"}),
+    ("NTK-aware, no fine-tuning", {"kind": "ntk"}),
+    ("Dynamic NTK, no fine-tuning", {"kind": "dynamic"}),
+    ("YaRN, no fine-tuning", {"kind": "yarn"}),
+)
+
+
+@dataclass
+class Stage:
+    """One training run of the reproduction."""
+
+    name: str
+    title: str
+    overrides: list[str]
+    seconds: float = 0.0
+    reused: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        """The equivalent command line (the run_dir override is added by the pipeline)."""
+        return "python train.py " + " ".join(_quote(o) for o in self.overrides)
+
+
+def _quote(override: str) -> str:
+    return f"'{override}'" if any(c in override for c in "[]{}, ") else override
+
+
+class Reproduction:
+    """Runs the stages in work_dir and collects what the report needs."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg, self.budget = cfg, cfg.budget
+        self.work = Path(str(cfg.work_dir))
+        self.scale = int(cfg.scale) if float(cfg.scale).is_integer() else float(cfg.scale)
+        train_defaults = compose(config_name="config", overrides=[f"model={self.budget.model}"])
+        self.window = int(self.budget.get("window") or train_defaults.model.max_seq_len)  # L
+        self.long_window = round(self.window * float(cfg.scale))  # L'
+        self.windows = sorted({self.window * 2**i for i in range(8) if self.window * 2**i < self.long_window} | {self.long_window})
+        self.stages: dict[str, Stage] = {}
+        self.started = time.perf_counter()
+
+    # -- training ---------------------------------------------------------------------------
+
+    def common(self) -> list[str]:
+        b = self.budget
+        overrides = [f"model={b.model}", f"trainer={b.trainer}", f"seed={self.cfg.seed}",
+                     f"data.passkey_share={self.budget.passkey_share}", "register_base=false",
+                     "trainer.enable_progress_bar=false"]
+        if b.get("window"):
+            overrides.append(f"model.max_seq_len={self.window}")
+        return overrides
+
+    def pretrain(self) -> Stage:
+        b = self.budget
+        return self._run(Stage("base", f"RoPE base at L = {self.window}", [
+            *self.common(), "stage=pretrain", "position=rope", "scale=1",
+            f"optim.pretrain.max_steps={b.pretrain_steps}", f"optim.pretrain.batch_size={b.pretrain_batch_size}",
+            f"optim.pretrain.warmup_steps={min(30, b.pretrain_steps // 4)}",
+        ]))
+
+    def finetune(self, name: str, title: str, kind: str, steps: int, every: int) -> Stage:
+        b = self.budget
+        return self._run(Stage(name, title, [
+            *self.common(), "stage=finetune", f"init={self.checkpoint('base')}", f"position={kind}", f"scale={self.scale}",
+            f"optim.finetune.max_steps={steps}", f"optim.finetune.batch_size={b.finetune_batch_size}",
+            f"optim.finetune.lr={b.finetune_lr}",
+            f"eval.every_n_steps={every}", f"eval.windows=[{','.join(map(str, self.windows))}]",
+            f"eval.max_documents={b.eval_documents}", f"eval.passkey_trials={b.eval_passkey_trials}",
+        ]))
+
+    def checkpoint(self, stage: str) -> Path:
+        return self.work / "runs" / stage / "checkpoints" / "last.ckpt"
+
+    def _run(self, stage: Stage) -> Stage:
+        from training.run import train  # noqa: PLC0415 (Lightning loads only when a stage runs)
+
+        run_dir = self.work / "runs" / stage.name
+        record = run_dir / "reproduce_stage.json"
+        # A fine-tune depends on the base run as well as its own settings: a new base makes it stale.
+        inputs = {name: self._fingerprint(name) for name in self.stages if f"init={self.checkpoint(name)}" in stage.overrides}
+        if self.cfg.reuse and record.is_file() and self.checkpoint(stage.name).is_file():
+            saved = json.loads(record.read_text())
+            if saved["overrides"] == stage.overrides and saved.get("inputs") == inputs:
+                log.info("stage %s: reusing the finished run in %s", stage.name, run_dir)
+                stage.seconds, stage.reused, stage.summary = saved["seconds"], True, saved["summary"]
+                self.stages[stage.name] = stage
+                return stage
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an unfinished or differently configured run: start it over
+        log.info("stage %s: %s run_dir=%s", stage.name, stage.command, run_dir)
+        started = time.perf_counter()
+        train(compose(config_name="config", overrides=[*stage.overrides, f"run_dir={run_dir}"]))
+        stage.seconds = time.perf_counter() - started
+        stage.summary = json.loads((run_dir / "summary.json").read_text())
+        # Written last: its presence means the stage finished.
+        record.write_text(json.dumps({"overrides": stage.overrides, "inputs": inputs, "seconds": stage.seconds,
+                                      "summary": stage.summary}))
+        log.info("stage %s done in %.0f s (%s)", stage.name, stage.seconds, self.checkpoint(stage.name))
+        self.stages[stage.name] = stage
+        return stage
+
+    def train_tokens(self) -> int:
+        """Tokens in the train split the stages read (the corpus plus the passkey share)."""
+        from data import TextDataModule  # noqa: PLC0415
+
+        data = OmegaConf.to_container(compose(config_name="config", overrides=self.common()).data, resolve=True)
+        data["passkey_max_tokens"] = data.get("passkey_max_tokens") or self.window
+        return TextDataModule(**data, seq_len=self.window, seed=int(self.cfg.seed)).store("train").num_tokens
+
+    def tokens_seen(self, stage: str) -> int:
+        """Training tokens of a stage: steps x batch x window."""
+        summary = self.stages[stage].summary
+        values = dict(o.split("=", 1) for o in self.stages[stage].overrides)
+        phase = "pretrain" if stage == "base" else "finetune"
+        return int(values[f"optim.{phase}.max_steps"]) * int(values[f"optim.{phase}.batch_size"]) * int(summary["seq_len"])
+
+    def _fingerprint(self, stage: str) -> str:
+        """Identifies one finished run of a stage: its record is rewritten (new time, summary) by every run."""
+        record = self.work / "runs" / stage / "reproduce_stage.json"
+        return hashlib.sha256(record.read_bytes()).hexdigest()[:16]
+
+    def by_step(self, stage: str) -> list[dict[str, Any]]:
+        """The rows the ExtensionEvalCallback wrote during a fine-tuning stage (validation split)."""
+        return json.loads((self.work / "runs" / stage / "eval_by_step.json").read_text())
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, name: str, tasks: list[str], variants: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
+        """One evaluate.py run over `variants`; `settings` are further conf/evaluate.yaml overrides."""
+        from evaluation.run import evaluate  # noqa: PLC0415
+
+        b = self.budget
+        overrides = [f"task=[{','.join(tasks)}]", f"out_dir={self.work / 'eval' / name}", f"seed={self.cfg.seed}",
+                     f"dtype={b.dtype}", f"ppl.windows=[{','.join(map(str, self.windows))}]",
+                     f"ppl.stride={min(256, self.window)}", f"ppl.max_tokens_per_document={_null(b.ppl_max_tokens_per_document)}",
+                     f"passkey.num_positions={b.passkey_positions}", f"passkey.trials={b.passkey_trials}",
+                     f"passkey.batch_size={b.passkey_trials}",
+                     *(f"{k}={v}" for k, v in settings.items())]
+        cfg = compose(config_name="evaluate", overrides=overrides)
+        with open_dict(cfg):
+            cfg.variants = variants
+        log.info("evaluation %s: python evaluate.py %s variants=<%d rows>", name, " ".join(overrides), len(variants))
+        return evaluate(cfg)
+
+    def extension_variants(self) -> list[dict[str, Any]]:
+        base = str(self.checkpoint("base"))
+        rows = [{"name": name, "ckpt": base, "position": {**position, "scale": self.scale}} for name, position in NO_FINE_TUNING]
+        for stage in ("ft", "ft_long", "pi"):
+            rows.append({"name": self.stages[stage].title, "ckpt": str(self.checkpoint(stage))})
+        return rows
+
+
+def _null(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def device_description(trainer: str) -> str:
+    """The card (GPU runs) or the processor (CPU runs) and the library versions, for the report."""
+    import lightning  # noqa: PLC0415
+
+    if trainer != "cpu" and torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = _cpu_name() + f", {torch.get_num_threads()} threads"
+    return f"{device}; torch {torch.__version__}, lightning {lightning.__version__}, Python {platform.python_version()}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def settings_summary(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,120 @@
+"""The reproduction report: the paper's Tables 1, 3, 4 and Figure 2 laid out with our numbers beside theirs."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from evaluation import report as tables  # noqa: E402
+from reproduction.claims import Claim  # noqa: E402
+
+# The paper's numbers (LLaMA 7B, L = 2048, PG-19, stride 256), by window as a multiple of L.
+PAPER_PPL = {
+    "base, no fine-tuning": {1: "7.20", 2: "> 1000", 4: "> 1000", 8: "> 1000"},
+    "FT to 4L (8192), 10000 steps": {1: "7.21", 2: "7.34", 4: "7.69"},
+    "PI to 4L (8192), 1000 steps": {1: "7.13", 2: "6.96", 4: "6.95"},
+    "PI to 8L (16384), 1000 steps": {1: "7.11", 2: "6.93", 4: "6.82", 8: "6.83"},
+}
+PAPER_BY_STEP = "PI to 8192, perplexity at 8192 by step: 16.10 at step 0, 7.12 at 200, 6.95 at 1000."
+PAPER_PASSKEY = ("PI to 8192: k_max = 8192 (the whole window) after 200 steps; direct FT to 8192: "
+                 "k_max = 1792 after 200 steps and 2560 after 10000 (L = 2048).")
+PAPER_FIGURE_2 = ("d = 128, L = 2048: the least-squares fit stays within about [-1, 1] on [0, L] and exceeds 8000 "
+                  "beyond L; at fractional positions inside [0, L] it stays smooth; the interpolation bound is ~600x "
+                  "tighter than the extrapolation bound.")
+ATTENTION_ROWS = (
+    ("inside_max", "max |a(s)|, integers in [0, L]"),
+    ("interpolation_max", "max |a(s)|, fractional s in [0, L]"),
+    ("extrapolation_max", "max |a(s)|, integers in (L, 2L]"),
+    ("bound_ratio_min", "extrapolation / interpolation bound, min over s"),
+    ("bound_ratio_at_b_equal_d", "bound ratio where B(s) = d"),
+)
+
+
+def _multiple(window: int, base: int) -> str:
+    return "L" if window == base else f"{window // base}L"
+
+
+def ppl_section(windows: Sequence[int], base: int, ppl: Mapping[str, Mapping[int, float]]) -> str:
+    header = ["model", *(f"{_multiple(w, base)} = {w}" for w in windows)]
+    ours = [[name, *(tables.format_ppl(by_window.get(w)) for w in windows)] for name, by_window in ppl.items()]
+    paper = [[name, *(values.get(w // base, "-") for w in windows)] for name, values in PAPER_PPL.items()]
+    return (tables.markdown_table(header, ours)
+            + "\n\nThe paper (LLaMA 7B, L = 2048, PG-19; columns are the same multiples of L):\n\n"
+            + tables.markdown_table(["model", *(_multiple(w, base) for w in windows)], paper))
+
+
+def by_step_section(runs: Mapping[str, Sequence[Mapping[str, Any]]], windows: Sequence[int], base: int) -> str:
+    """Perplexity at each window and passkey k_max by fine-tuning step, one table per run."""
+    parts = []
+    for title, rows in runs.items():
+        header = ["step", *(f"ppl {_multiple(w, base)}" for w in windows), "passkey k_max"]
+        body = [[row["step"], *(tables.format_ppl(row.get(f"ppl_{w}")) for w in windows), row.get("passkey_k_max", "-")]
+                for row in rows]
+        parts.append(f"**{title}**\n\n" + tables.markdown_table(header, body))
+    return "\n\n".join(parts)
+
+
+def passkey_section(results: Mapping[str, Mapping[str, Any]], base_name: str, base_result: Mapping[str, Any]) -> str:
+    rows = [[base_name + " (its own window L)", base_result["window"], base_result["distances"][-1], base_result["k_max"],
+             f"{_mean(base_result['success_rates']):.2f}"]]
+    rows += [[name, r["window"], r["distances"][-1], r["k_max"], f"{_mean(r['success_rates']):.2f}"] for name, r in results.items()]
+    return tables.markdown_table(["model", "window", "largest k tested", "k_max", "mean success"], rows)
+
+
+def attention_section(attention: Mapping[str, Any], base_name: str) -> str:
+    columns: list[tuple[str, Mapping[str, Any]]] = []
+    fit = attention["paper_fit"]
+    columns.append((f"fit, d={fit['head_dim']} L={fit['window']}", fit))
+    for label, facts in attention.get("fits", {}).items():
+        columns.append((label, facts))
+    real = attention.get("query_key", {}).get(base_name)
+    if real and "skipped" not in real:
+        medians = {k.removesuffix("_median"): v for k, v in real.items() if k.endswith("_median")}
+        columns.append((f"{base_name}: real q/k (median of {real['pairs']} pairs)", medians))
+    rows = [[label, *(f"{facts[key]:.4g}" if key in facts else "" for _, facts in columns)] for key, label in ATTENTION_ROWS]
+    return tables.markdown_table(["quantity", *(c for c, _ in columns)], rows)
+
+
+def claims_section(claims: Sequence[Claim]) -> str:
+    rows = [[c.number, c.text, c.paper, c.ours, f"**{c.verdict}**"] for c in claims]
+    criteria = "\n".join(f"- Claim {c.number}: {c.criterion}." for c in claims)
+    return (tables.markdown_table(["#", "claim", "paper", "this run", "verdict"], rows)
+            + "\n\nCriteria (fixed in reproduction/claims.py before the runs):\n\n" + criteria)
+
+
+def plot_by_step(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], long_window: int) -> None:
+    """Perplexity at L' and passkey k_max against fine-tuning steps, one line per run."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for title, rows in runs.items():
+        steps = [r["step"] for r in rows]
+        left.plot(steps, [r.get(f"ppl_{long_window}") for r in rows], marker="o", markersize=3, label=title)
+        right.plot(steps, [r.get("passkey_k_max", 0) for r in rows], marker="o", markersize=3, label=title)
+    left.set_yscale("log")
+    left.set_xlabel("fine-tuning step")
+    left.set_ylabel(f"perplexity at L' = {long_window} (validation)")
+    right.set_xlabel("fine-tuning step")
+    right.set_ylabel(f"passkey k_max at L' = {long_window}")
+    right.set_ylim(0, long_window * 1.05)
+    for ax in (left, right):
+        ax.set_xscale("symlog", linthresh=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def copy_figure(source: Path, target: Path) -> str:
+    shutil.copyfile(source, target)
+    return target.name
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,136 @@
+"""The reproduction: claim verdicts from numbers (fast), and the whole pipeline in miniature (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from reproduction.claims import HELD, NOT_HELD, PARTLY, UNTESTABLE, Numbers, judge_all
+
+REPO = Path(__file__).resolve().parents[1]
+BASE, PI, FT, FT_LONG = "base", "pi", "ft", "ft long"
+
+
+def numbers(**changes) -> Numbers:
+    """The paper's picture at L = 256, L' = 2048: every claim holds."""
+    values = dict(
+        window=256, long_window=2048,
+        ppl={BASE: {256: 60.0, 512: 900.0, 1024: 2000.0, 2048: 3000.0},
+             PI: {256: 61.0, 512: 58.0, 1024: 57.0, 2048: 56.9},
+             FT: {256: 62.0, 512: 64.0, 1024: 70.0, 2048: 80.0},
+             FT_LONG: {256: 61.0, 512: 61.0, 1024: 63.0, 2048: 66.0}},
+        base=BASE, pi=PI, fine_tuned=[FT, FT_LONG],
+        k_max={PI: 1990, FT: 300, FT_LONG: 500}, largest_k=1990,
+        base_k_max_at_window=200, base_largest_k_at_window=200,
+    )
+    values.update(changes)
+    return Numbers(**values)
+
+
+def verdicts(n: Numbers) -> list[str]:
+    return [claim.verdict for claim in judge_all(n)]
+
+
+def test_the_papers_picture_holds_every_claim() -> None:
+    assert verdicts(numbers()) == [HELD] * 5
+
+
+def test_each_claim_can_fail_or_hold_in_part() -> None:
+    paper = numbers()
+    mild = {**paper.ppl, BASE: {256: 60.0, 512: 65.0, 1024: 80.0, 2048: 100.0}}
+    flat = {**paper.ppl, BASE: {256: 60.0, 512: 61.0, 1024: 62.0, 2048: 63.0}}
+    assert verdicts(numbers(ppl=mild))[0] == PARTLY
+    assert verdicts(numbers(ppl=flat))[0] == NOT_HELD
+
+    bumpy = {**paper.ppl, PI: {256: 61.0, 512: 63.0, 1024: 57.0, 2048: 56.0}}
+    rising = {**paper.ppl, PI: {256: 61.0, 512: 62.0, 1024: 64.0, 2048: 70.0}}
+    assert verdicts(numbers(ppl=bumpy))[1] == PARTLY
+    assert verdicts(numbers(ppl=rising))[1] == NOT_HELD
+
+    long_better = {**paper.ppl, FT_LONG: {256: 60.0, 512: 56.0, 1024: 55.0, 2048: 55.0}}
+    both_better = {**long_better, FT: {256: 60.0, 512: 56.0, 1024: 55.0, 2048: 56.0}}
+    assert verdicts(numbers(ppl=long_better))[2] == PARTLY
+    assert verdicts(numbers(ppl=both_better))[2] == NOT_HELD
+
+    assert verdicts(numbers(base_k_max_at_window=0))[3] == UNTESTABLE
+    assert verdicts(numbers(k_max={PI: 1500, FT: 300, FT_LONG: 500}))[3] == PARTLY
+    assert verdicts(numbers(k_max={PI: 1990, FT: 300, FT_LONG: 1990}))[3] == NOT_HELD
+
+    costly = {**paper.ppl, PI: {**paper.ppl[PI], 256: 66.0}}
+    ruinous = {**paper.ppl, PI: {**paper.ppl[PI], 256: 90.0}}
+    assert verdicts(numbers(ppl=costly))[4] == PARTLY
+    assert verdicts(numbers(ppl=ruinous))[4] == NOT_HELD
+
+
+@pytest.mark.parametrize("budget", ["cpu", "gpu", "mini"])
+def test_every_budget_composes_into_valid_training_configs(budget: str) -> None:
+    from training.config import validate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="reproduce", overrides=[f"budget={budget}"])
+        b = cfg.budget
+        assert b.name == budget and b.long_finetune_steps > b.finetune_steps
+        for position, scale in (("rope", 1), ("pi", cfg.scale), ("rope", cfg.scale)):
+            train_cfg = compose(config_name="config", overrides=[
+                f"model={b.model}", f"trainer={b.trainer}", f"position={position}", f"scale={scale}",
+                f"data.passkey_share={cfg.budget.passkey_share}", *([f"model.max_seq_len={b.window}"] if b.get("window") else []),
+            ])
+            validate(train_cfg)
+
+
+def test_a_finished_stage_is_reused_until_its_settings_or_its_base_change(tmp_path: Path, monkeypatch) -> None:
+    import training.run
+    from reproduction.pipeline import Reproduction
+
+    trained = []
+
+    def fake_train(cfg):  # what the pipeline needs from a run: its checkpoint and summary
+        run_dir = Path(cfg.run_dir)
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "last.ckpt").write_text(str(len(trained)))
+        (run_dir / "summary.json").write_text(json.dumps({"seq_len": 128, "metrics": {}, "run": len(trained)}))
+        trained.append(run_dir.name)
+
+    monkeypatch.setattr(training.run, "train", fake_train)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        def stages(*overrides: str) -> None:
+            run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}", *overrides]))
+            run.pretrain()
+            run.finetune("pi", "PI", "pi", 4, 2)
+
+        stages()
+        stages()  # nothing changed: both reused
+        assert trained == ["base", "pi"]
+        stages("budget.finetune_lr=0.001")  # the fine-tune's settings changed: only it runs again
+        assert trained == ["base", "pi", "pi"]
+        stages("budget.pretrain_steps=31")  # a new base: the fine-tune built on the old one is stale
+        assert trained == ["base", "pi", "pi", "base", "pi"]
+        stages("budget.pretrain_steps=31", "reuse=false")
+        assert trained[-2:] == ["base", "pi"] and len(trained) == 7
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
+    """budget=mini end to end through the CLI: every stage, every evaluation, the report."""
+    report = tmp_path / "report"
+    command = [sys.executable, "reproduce.py", "budget=mini", f"work_dir={tmp_path / 'work'}", f"report_dir={report}"]
+    env = {"PI_LLAMA_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (report / "README.md").read_text()
+    for section in ("## Claims", "Table 1 analog", "Table 3 analog", "Table 4 analog", "Figure 2 analog"):
+        assert section in text
+    for figure in ("ppl_by_window.png", "by_step.png", "passkey.png", "figure2_fit.png"):
+        assert (report / figure).stat().st_size > 1000
+    results = json.loads((report / "results.json").read_text())
+    assert len(results["claims"]) == 5 and all(c["verdict"] in (HELD, PARTLY, NOT_HELD, UNTESTABLE) for c in results["claims"])
+    assert set(results["ppl"]) >= {"RoPE (base), no fine-tuning", "PI, 4 steps", "FT (direct), 8 steps"}
+    assert [row["step"] for row in results["by_step"]["PI, 4 steps"]] == [0, 2, 4]
+    # A second run reuses every finished stage instead of training again.
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stderr.count("reusing the finished run") == 4, again.stderr[-3000:]
