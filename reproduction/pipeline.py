@@ -68,14 +68,13 @@ class Reproduction:
         self.long_window = round(self.window * float(cfg.scale))  # L'
         self.windows = sorted({self.window * 2**i for i in range(8) if self.window * 2**i < self.long_window} | {self.long_window})
         self.stages: dict[str, Stage] = {}
-        self.started = time.perf_counter()
 
     # -- training ---------------------------------------------------------------------------
 
     def common(self) -> list[str]:
         b = self.budget
         overrides = [f"model={b.model}", f"trainer={b.trainer}", f"seed={self.cfg.seed}",
-                     f"data.passkey_share={self.budget.passkey_share}", "register_base=false",
+                     f"data.passkey_share={b.passkey_share}", "register_base=false",
                      "trainer.enable_progress_bar=false"]
         if b.get("window"):
             overrides.append(f"model.max_seq_len={self.window}")
@@ -176,7 +175,7 @@ class Reproduction:
     def extension_variants(self) -> list[dict[str, Any]]:
         base = str(self.checkpoint("base"))
         rows = [{"name": name, "ckpt": base, "position": {**position, "scale": self.scale}} for name, position in NO_FINE_TUNING]
-        for stage in ("ft", "ft_long", "pi"):
+        for stage in ("ft", "ft_long", "pi", "pi_long"):
             rows.append({"name": self.stages[stage].title, "ckpt": str(self.checkpoint(stage))})
         return rows
 
@@ -204,7 +203,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "CPU"
-
-
-def settings_summary(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -62,6 +62,7 @@ CASES = [
     Case("run_dir not writable", [*T[:3], "run_dir=/dev/null/run", T[4]], "cannot be written", fast=True),
     Case("lr infinite", [*T, "stage=pretrain", "optim.pretrain.lr=inf"], "must be a positive finite number"),
     Case("on_nonfinite unknown", [*T, "trainer.on_nonfinite=ignore"], "trainer.on_nonfinite='ignore' is not one of"),
+    Case("passkey share not a fraction", [*T, "data.passkey_share=1.5"], "data.passkey_share=1.5 must be a fraction in [0, 1)"),
     Case("checkpoint interval negative", [*T, "trainer.checkpoint_every_n_steps=-1"], "must be a non-negative integer"),
     Case("strategy unknown", [*T, "trainer.strategy=hogwild"], "trainer.strategy='hogwild' is not a strategy"),
     # --- train.py: files ---------------------------------------------------------------------------------------------
