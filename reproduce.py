@@ -184,7 +184,7 @@ Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not
         (out / "README.md").write_text(text)
         tables.write_json(out / "results.json", {
             "command": command, "date": today, "device": device, "settings": OmegaConf.to_container(cfg, resolve=True),
-            "timings_s": timings, "stages": {s.name: {"title": s.title, "command": s.command, "summary": s.summary}
+            "timings_s": timings, "stages": {s.name: {"title": s.title, "command": s.command, "summary": _relative(s.summary)}
                                              for s in stages.values()},
             "ppl": ppl, "passkey": extensions["passkey"], "passkey_base_at_L": base_passkey, "by_step": by_step,
             "attention": attention["attention"], "claims": [c.__dict__ for c in claims],
@@ -192,6 +192,14 @@ Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not
     log.info("report: %s (%s)", Path(str(cfg.report_dir)) / "README.md", verdicts)
     print(f"report written to {Path(str(cfg.report_dir)).resolve() / 'README.md'}: {verdicts}")
     return Path(str(cfg.report_dir))
+
+
+def _relative(value: Any) -> Any:
+    """Paths under the current folder written relative to it: the committed report names no machine's folders."""
+    if isinstance(value, dict):
+        return {k: _relative(v) for k, v in value.items()}
+    prefix = str(Path.cwd()) + "/"
+    return value.removeprefix(prefix) if isinstance(value, str) else value
 
 
 def _val_ppl(summary: dict[str, Any]) -> float | None:
