@@ -2,7 +2,7 @@
 
     python reproduce.py                  # CPU: the bundled 5M model, L = 128 -> L' = 1024
     python reproduce.py budget=gpu       # one H100/H200: a ~28M model, L = 256 -> 2048, bf16 (not yet run)
-    python reproduce.py budget=mini      # the pipeline in ~2 min (numbers meaningless)
+    python reproduce.py budget=mini      # the pipeline in a few minutes (numbers meaningless)
 
 1. Pretrain a RoPE base at window L on the bundled corpus, with a share of answered passkey
    prompts (each <= L tokens) so that it can retrieve within its own window.
