@@ -219,8 +219,9 @@ def _share_text(cfg: DictConfig, window: int) -> str:
     if not cfg.budget.passkey_share:
         return "none: the training data is the corpus alone."
     return (f"{cfg.budget.passkey_share:.0%} of the training tokens (pretraining and fine-tuning) are answered passkey prompts "
-            f"in the paper's wording, each at most L = {window} tokens long, so "
-            "the base learns to retrieve within its own window only. Evaluation keys are drawn independently.")
+            f"built exactly as the evaluation's prompts (data/synthetic_passkey.py), each at most L = {window} tokens "
+            "long and placed whole inside one training window, with the key-to-question distance uniform over what "
+            "fits, so the base learns to retrieve within its own window only. Evaluation keys are drawn independently.")
 
 
 def _ppl_cut(budget: dict[str, Any]) -> str:

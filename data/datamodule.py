@@ -19,9 +19,9 @@ from data.errors import DataError
 from data.packing import PackedWindows
 from data.splits import SPLITS
 from data.synthetic_passkey import RECIPE as PASSKEY_RECIPE
-from data.synthetic_passkey import count_for_share, interleave, passkey_documents
+from data.synthetic_passkey import BlockPlacement, count_for_share, passkey_documents, spread_offsets
 from data.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
-from data.tokens import TokenStore, cache_key, is_complete, write_token_cache
+from data.tokens import TokenStore, cache_key, encoded, is_complete, write_token_cache
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,11 @@ class TextDataModule(L.LightningDataModule):
         self.seed = seed
         self.passkey_share = float(passkey_share)
         self.passkey_max_tokens = passkey_max_tokens or seq_len
+        if self.passkey_share > 0 and seq_len % self.passkey_max_tokens:
+            # Placed passkey documents fill aligned blocks of passkey_max_tokens; other window lengths cut some.
+            log.warning("seq_len=%d is not a multiple of data.passkey_max_tokens=%d: some passkey documents will be "
+                        "split between two training windows; use a multiple to keep each whole.",
+                        seq_len, self.passkey_max_tokens)
         self._tokenizer: Tokenizer | None = None
         self._identity: dict[str, Any] | None = None
         self._documents: dict[str, list[str]] | None = None
@@ -151,7 +156,8 @@ class TextDataModule(L.LightningDataModule):
             log.info("using cached tokens at %s", directory)
         else:
             log.info("tokenizing %s with tokenizer %s into %s", self.source, tok.fingerprint, directory)
-            write_token_cache(directory, self._training_documents(), tok, self._cache_identity())
+            documents, placements = self._training_documents()
+            write_token_cache(directory, documents, tok, self._cache_identity(), placements)
         # The raw texts are only needed to build caches; free them.
         self._documents = None
 
@@ -292,21 +298,21 @@ class TextDataModule(L.LightningDataModule):
                                    "recipe": PASSKEY_RECIPE}
         return identity
 
-    def _training_documents(self) -> dict[str, list[str]]:
-        """The source's documents, with the passkey share mixed into the train split (never validation/test)."""
+    def _training_documents(self) -> tuple[dict[str, list[str]], dict[str, BlockPlacement]]:
+        """The source's documents, and the passkey share to place into the train split (never validation/test)."""
         documents = self._load_documents()
         if self.passkey_share == 0:
-            return documents
+            return documents, {}
         train = documents.get("train", [])
-        corpus_tokens = sum(len(ids) for ids in self.tokenizer.encode_batch(train, bos=True, eos=True))
+        corpus_tokens = sum(len(ids) for ids in encoded(train, self.tokenizer))
         # Sized from a sample: the mean length of the documents the generator makes.
         sample = passkey_documents(self.tokenizer, 64, self.passkey_max_tokens, self.seed)
-        mean_tokens = sum(len(ids) for ids in self.tokenizer.encode_batch(sample, bos=True, eos=True)) / len(sample)
-        count = count_for_share(self.passkey_share, corpus_tokens, mean_tokens)
+        count = count_for_share(self.passkey_share, corpus_tokens, sum(map(len, sample)) / len(sample))
         extra = passkey_documents(self.tokenizer, count, self.passkey_max_tokens, self.seed)
-        log.info("mixing %d passkey documents (<= %d tokens each, %.0f%% of train tokens) into the train split",
+        log.info("placing %d passkey documents (<= %d tokens each, %.0f%% of train tokens) into the train split",
                  count, self.passkey_max_tokens, 100 * self.passkey_share)
-        return {**documents, "train": interleave(train, extra, self.seed)}
+        placement = BlockPlacement(extra, spread_offsets(count, corpus_tokens, self.seed), self.passkey_max_tokens)
+        return documents, {"train": placement}
 
     def _load_documents(self) -> dict[str, list[str]]:
         """Raw document texts per split, loaded at most once per prepare."""

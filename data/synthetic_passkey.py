@@ -1,18 +1,20 @@
-"""Passkey-style training documents: the paper's passkey prompt, answered, short enough for the base window.
+"""The paper's passkey prompt as tokens: one layout for the evaluation and for training documents.
 
 The paper's 7B model can already copy a number it read earlier; a few-million-parameter model
 trained on Shakespeare cannot, so its passkey k_max is 0 at every window and the passkey claims
 cannot be tested. Mixing a small share of answered passkey prompts (each at most `max_tokens`
-long, i.e. within the base window L) into the training documents teaches retrieval *within L*
+long, i.e. within the base window L) into the training tokens teaches retrieval *within L*
 only; whether it carries to 8L is then up to the position encoding, which is what the
-reproduction measures. Evaluation prompts (evaluation/passkey.py) use the same wording.
+reproduction measures. Training documents are built by the same `PasskeyPrompter` as the
+evaluation's prompts (evaluation/passkey.py), so the two differ only in their keys and lengths.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from data.errors import DataError
@@ -24,57 +26,134 @@ INSTRUCTION = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
-# BOS and EOS are added around every document by the token cache.
-_SPECIAL_TOKENS = 2
 # Part of the token cache key: bump when the documents this module generates change.
-RECIPE = 2
+# 4: the evaluation's token layout (was text with word-level filler cuts); distances uniform; each
+# document placed whole inside one block of max_tokens (BlockPlacement), no longer cut by windowing.
+RECIPE = 4
 
 
-class Encoder(Protocol):
+class TokenizerLike(Protocol):
+    """The part of data.tokenizer.Tokenizer the prompts need."""
+
+    bos_id: int
+    eos_id: int
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
+    def decode(self, ids: Sequence[int]) -> str: ...
 
-def filler(words: int) -> str:
-    """The first `words` words of the filler repeated: any length, not only whole repeats.
 
-    Whole repeats would put the key at a few fixed offsets from the question, which a model can
-    learn to copy by position alone; word-level lengths make it find the key by content, as the
-    evaluation (which cuts the filler at any token) requires.
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """Prompt tokens with the key's first token at index key_index."""
+
+    tokens: list[int]
+    key: str
+    key_index: int
+
+    @property
+    def distance(self) -> int:
+        """k: tokens from the key's first token to the end of the prompt."""
+        return len(self.tokens) - self.key_index
+
+
+class PasskeyPrompter:
+    """Builds passkey prompts of an exact length with the key at an exact distance from the end.
+
+    The prompt is built from separately tokenized pieces (instruction, filler, key line, filler,
+    question), so its token layout is known exactly: the filler is repeated, and cut at a token
+    boundary for the remainder, until the key sits exactly k tokens from the end. k is the
+    distance from the key's first token (its first occurrence in the key line) to the end.
     """
-    pool = FILLER.split()
-    return " ".join(pool[i % len(pool)] for i in range(words))
+
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self.tokenizer = tokenizer
+        self.head = [tokenizer.bos_id, *tokenizer.encode(INSTRUCTION, bos=False)]
+        self.filler = tokenizer.encode(FILLER, bos=False)
+        self.question = tokenizer.encode(QUESTION, bos=False)
+
+    def _key_line(self, key: str) -> tuple[list[int], int]:
+        """Tokens of the key line and the index of the token that holds the key's first digit."""
+        line = KEY_LINE.format(key=key)
+        tokens = self.tokenizer.encode(line, bos=False)
+        offset = line.index(key)
+        # Decoded prefixes align with the text (the dummy-prefix space is dropped by decode):
+        # the first token whose prefix reaches past `offset` holds the key's first character.
+        for i in range(len(tokens)):
+            if len(self.tokenizer.decode(tokens[: i + 1])) > offset:
+                return tokens, i
+        raise DataError(f"the tokenizer lost the key {key} in {line!r}; use a tokenizer that round-trips ASCII text.")
+
+    def answer(self, key: str) -> list[int]:
+        """The tokens that spell the key after "The pass key is" (its leading space included)."""
+        return self.tokenizer.encode(key, bos=False)
+
+    def answer_length(self, key: str) -> int:
+        """Tokens the model must generate to spell the key after "The pass key is"."""
+        return len(self.answer(key))
+
+    def distance_range(self, length: int, key: str = "12345") -> tuple[int, int]:
+        """The smallest and largest k a prompt of `length` tokens can place the key at."""
+        line, at = self._key_line(key)
+        smallest = len(line) - at + len(self.question)
+        largest = length - len(self.head) - at
+        return smallest, largest
+
+    def build(self, key: str, distance: int, length: int) -> PasskeyPrompt:
+        """A prompt of exactly `length` tokens with `key` exactly `distance` tokens from its end."""
+        line, at = self._key_line(key)
+        smallest, largest = self.distance_range(length, key)
+        if not smallest <= distance <= largest:
+            raise DataError(
+                f"a {length}-token passkey prompt can place the key {smallest} to {largest} tokens from the end, "
+                f"not {distance}; pick a distance in that range or a longer window."
+            )
+        after = distance - (len(line) - at) - len(self.question)
+        before = length - len(self.head) - at - distance
+        tokens = [
+            *self.head,
+            *self._filler(before),
+            *line,
+            *self._filler(after),
+            *self.question,
+        ]
+        return PasskeyPrompt(tokens=tokens, key=key, key_index=len(self.head) + before + at)
+
+    def _filler(self, n: int) -> list[int]:
+        """n filler tokens: whole repeats, then the first tokens of one more.
+
+        The cut repeat goes last because the piece after it (key line or question) starts a
+        new word: a cut can leave a word unfinished but never glues two words together.
+        """
+        repeats, rest = divmod(n, len(self.filler))
+        return self.filler * repeats + self.filler[:rest]
 
 
-def passkey_document(key: str, before: int, after: int) -> str:
-    """The paper's prompt with `before`/`after` filler words around the key line, followed by its answer."""
-    pieces = [INSTRUCTION, filler(before), KEY_LINE.format(key=key), filler(after), QUESTION]
-    return " ".join(p for p in pieces if p) + f" {key}."
+def passkey_documents(tokenizer: TokenizerLike, count: int, max_tokens: int, seed: int) -> list[list[int]]:
+    """`count` answered passkey prompts as token ids (BOS, prompt, answer, EOS), each at most `max_tokens` long.
 
-
-def passkey_documents(tokenizer: Encoder, count: int, max_tokens: int, seed: int) -> list[str]:
-    """`count` answered passkey prompts of at most `max_tokens` tokens (BOS and EOS included).
-
-    The number of filler words is drawn uniformly from every amount that fits, and split
-    uniformly between before and after the key, so the key-to-question distance covers the window.
+    The key-to-question distance is drawn uniformly from every distance that fits, then the
+    filler before the key uniformly from what is left: every distance up to the window is trained
+    on equally often, as the evaluation tests them. (Drawing the total length first and splitting
+    it made long distances rare, and a CPU base then retrieved at short ones only.)
     """
     if count < 0:
         raise DataError(f"the number of passkey documents must be >= 0, not {count}")
-    fixed = len(tokenizer.encode(passkey_document("99999", 0, 0), bos=False)) + _SPECIAL_TOKENS
-    if count and fixed > max_tokens:
-        raise DataError(f"a passkey document needs at least {fixed} tokens but data.passkey_max_tokens={max_tokens}; "
-                        f"raise it (it defaults to the model's window) or set data.passkey_share=0.")
-    words = len(FILLER.split())
-    tokens_per_word = len(tokenizer.encode(FILLER, bos=False)) / words
-    most = max(0, int((max_tokens - fixed) / tokens_per_word))
+    prompter = PasskeyPrompter(tokenizer)
     rng = random.Random(seed)
-    documents = []
+    documents: list[list[int]] = []
     while len(documents) < count:
-        total = rng.randint(0, most)
-        before = rng.randint(0, total)
-        text = passkey_document(str(rng.randint(10000, 99999)), before, total - before)
-        # The word count only estimates the token count: keep the document only if it fits.
-        if len(tokenizer.encode(text, bos=False)) + _SPECIAL_TOKENS <= max_tokens:
-            documents.append(text)
+        key = str(rng.randint(10000, 99999))
+        answer = [*tokenizer.encode(f"{key}.", bos=False), tokenizer.eos_id]
+        longest = max_tokens - len(answer)  # the longest prompt that leaves room for the answer
+        smallest, largest = prompter.distance_range(longest, key)
+        if smallest > largest:
+            shortest = max_tokens + smallest - largest
+            raise DataError(f"a passkey document needs at least {shortest} tokens but data.passkey_max_tokens={max_tokens}; "
+                            f"raise it (it defaults to the model's window) or set data.passkey_share=0.")
+        distance = rng.randint(smallest, largest)
+        length = rng.randint(longest - (largest - distance), longest)  # the filler before the key: 0 up to what fits
+        documents.append([*prompter.build(key, distance, length).tokens, *answer])
     return documents
 
 
@@ -87,15 +166,66 @@ def count_for_share(share: float, corpus_tokens: int, mean_document_tokens: floa
     return math.ceil(share / (1 - share) * corpus_tokens / mean_document_tokens)
 
 
-def interleave(corpus: Sequence[str], extra: Sequence[str], seed: int) -> list[str]:
-    """`extra` documents spread at seeded random places between the corpus documents (corpus order kept)."""
+@dataclass
+class BlockPlacement:
+    """Documents to place whole inside `block`-token blocks of a split's token stream.
+
+    Training windows are cut from one stream of tokens at multiples of seq_len (data/packing.py),
+    so a document laid down at an arbitrary offset is split across two windows unless it happens
+    to start early enough; for a passkey prompt the key then sits in one window and its answer in
+    the next, and the model learns to guess the answer instead of copying it (the cause of the
+    first CPU reproduction's weak retrieval: only prompts short enough to survive the cut were
+    learnt). Each document here starts at a multiple of `block` and is at most `block` tokens
+    long, so it lies inside every window of seq_len tokens when seq_len is a multiple of `block`.
+    The corpus fills the gaps, so no token is wasted except padding after the corpus' end.
+    """
+
+    documents: list[list[int]]  # token ids, BOS and EOS included, each at most `block` long
+    at: list[int]  # sorted: document j goes in once at[j] corpus tokens have been written
+    block: int
+    padding: int = 0  # pad tokens written after the corpus ran out (set by place)
+
+    def __post_init__(self) -> None:
+        if len(self.documents) != len(self.at) or list(self.at) != sorted(self.at):
+            raise ValueError("BlockPlacement needs one sorted corpus offset per document")
+        if any(len(d) > self.block for d in self.documents):
+            raise ValueError(f"a document longer than the {self.block}-token block cannot be placed whole")
+
+    def place(self, corpus: Iterable[Sequence[int]], pad_id: int) -> Iterator[Sequence[int]]:
+        """The corpus documents' tokens with the documents placed in: pieces in stream order.
+
+        A document due at corpus offset c goes in at the first multiple of `block` (in the output
+        stream) at or after the point where c corpus tokens have been written; the corpus tokens
+        up to that multiple come first. A corpus document can thus be cut in two pieces around
+        an inserted one, which windowing does to it anyway.
+        """
+        written = consumed = j = 0
+        for document in corpus:
+            start = 0
+            while j < len(self.documents):
+                take = max(self.at[j] - consumed, 0)
+                take += -(written + take) % self.block  # on to the next block boundary
+                if start + take > len(document):
+                    break
+                if take:
+                    yield document[start : start + take]
+                    start, written, consumed = start + take, written + take, consumed + take
+                yield self.documents[j]
+                written += len(self.documents[j])
+                j += 1
+            if start < len(document):
+                yield document[start:]
+                written, consumed = written + len(document) - start, consumed + len(document) - start
+        for document in self.documents[j:]:  # due after the corpus' end: pad to each boundary
+            pad = -written % self.block
+            if pad:
+                yield [pad_id] * pad
+                self.padding += pad
+            yield document
+            written += pad + len(document)
+
+
+def spread_offsets(count: int, corpus_tokens: int, seed: int) -> list[int]:
+    """`count` seeded uniform corpus offsets in [0, corpus_tokens], sorted: where documents go in."""
     rng = random.Random(seed)
-    slots = sorted(rng.randint(0, len(corpus)) for _ in extra)
-    merged, taken = [], 0
-    for i, document in enumerate(corpus):
-        while taken < len(extra) and slots[taken] == i:
-            merged.append(extra[taken])
-            taken += 1
-        merged.append(document)
-    merged.extend(extra[taken:])
-    return merged
+    return sorted(rng.randint(0, corpus_tokens) for _ in range(count))

@@ -7,13 +7,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from data.splits import SPLITS
+from data.synthetic_passkey import BlockPlacement
 from data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,30 @@ def cache_key(tokenizer_fingerprint: str, source_identity: Mapping[str, Any]) ->
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def encoded(documents: Sequence[str], tokenizer: Tokenizer) -> Iterator[list[int]]:
+    """Each document's ids as BOS + ids + EOS, tokenized in batches (bounded memory on large corpora)."""
+    for lo in range(0, len(documents), _ENCODE_BATCH):
+        yield from tokenizer.encode_batch(documents[lo : lo + _ENCODE_BATCH], bos=True, eos=True)
+
+
 def is_complete(directory: Path) -> bool:
     """Whether `directory` holds a finished token cache."""
     return (directory / META_FILE).is_file()
 
 
 def write_token_cache(
-    directory: Path, documents: Mapping[str, Sequence[str]], tokenizer: Tokenizer, identity: Mapping[str, Any]
+    directory: Path,
+    documents: Mapping[str, Sequence[str]],
+    tokenizer: Tokenizer,
+    identity: Mapping[str, Any],
+    placements: Mapping[str, BlockPlacement] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize every split (each document as BOS + ids + EOS) into `directory`, atomically; return the metadata."""
+    """Tokenize every split (each document as BOS + ids + EOS) into `directory`, atomically; return the metadata.
+
+    `placements` puts extra, already tokenized documents into a split's stream whole inside
+    aligned blocks (the passkey mix); that split's offsets then mark pieces (corpus fragments and
+    placed documents) rather than whole corpus documents.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     # Per-process temp names: concurrent builders (e.g. one per node) never clobber each other.
@@ -51,20 +67,24 @@ def write_token_cache(
     start = time.perf_counter()
     splits: dict[str, Any] = {}
     for split in SPLITS:
-        docs = documents.get(split, [])
-        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        pieces: Iterable[Sequence[int]] = encoded(documents.get(split, []), tokenizer)
+        placement = (placements or {}).get(split)
+        if placement is not None:
+            pieces = placement.place(pieces, pad_id=tokenizer.eos_id)
+        offsets = [0]
         bin_tmp = directory / f"{split}.bin{suffix}"
         with open(bin_tmp, "wb") as f:
-            for lo in range(0, len(docs), _ENCODE_BATCH):
-                batch = tokenizer.encode_batch(docs[lo : lo + _ENCODE_BATCH], bos=True, eos=True)
-                for j, ids in enumerate(batch):
-                    f.write(np.asarray(ids, dtype=dtype).tobytes())
-                    offsets[lo + j + 1] = offsets[lo + j] + len(ids)
+            for ids in pieces:
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                offsets.append(offsets[-1] + len(ids))
         idx_tmp = directory / f"{split}.idx{suffix}.npy"
-        np.save(idx_tmp, offsets)
+        np.save(idx_tmp, np.asarray(offsets, dtype=np.int64))
         os.replace(bin_tmp, directory / f"{split}.bin")
         os.replace(idx_tmp, directory / f"{split}.idx.npy")
-        splits[split] = {"num_tokens": int(offsets[-1]), "num_documents": len(docs)}
+        splits[split] = {"num_tokens": offsets[-1], "num_documents": len(offsets) - 1}
+        if placement is not None:
+            splits[split]["placed"] = {"documents": len(placement.documents), "block": placement.block,
+                                       "tokens": sum(map(len, placement.documents)), "padding": placement.padding}
     meta = {
         "format": CACHE_FORMAT,
         "dtype": dtype.name,

@@ -1,11 +1,9 @@
 """Passkey retrieval, the paper's measure of the effective context window.
 
-The prompt is built from separately tokenized pieces (instruction, filler, key line, filler,
-question), so its token layout is known exactly: the filler is repeated, and cut at a token
-boundary for the remainder, until the key sits exactly k tokens from the end and the prompt
-plus the answer fill the window. k is the distance from the key's first token (its first
-occurrence in "The pass key is 12345. Remember it. 12345 is the pass key.") to the end of
-the prompt.
+Prompts come from data.synthetic_passkey.PasskeyPrompter (the layout the training documents
+share): the key sits exactly k tokens from the end and the prompt plus the answer fill the
+window. k is the distance from the key's first token (its first occurrence in "The pass key is
+12345. Remember it. 12345 is the pass key.") to the end of the prompt.
 """
 
 from __future__ import annotations
@@ -13,101 +11,15 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
 
-from data.synthetic_passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION  # one wording for training and evaluation
+# One layout for training documents and evaluation prompts (re-exported here for the evaluation's users).
+from data.synthetic_passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION, PasskeyPrompt, PasskeyPrompter, TokenizerLike  # noqa: F401
 from evaluation.errors import EvaluationError
 
 DEFAULT_THRESHOLD = 0.2  # the paper: every k' <= k_max retrieves the key in at least 20% of trials
-
-
-class TokenizerLike(Protocol):
-    """The part of data.tokenizer.Tokenizer the prompt needs."""
-
-    bos_id: int
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-@dataclass(frozen=True)
-class PasskeyPrompt:
-    """Prompt tokens with the key's first token at index key_index."""
-
-    tokens: list[int]
-    key: str
-    key_index: int
-
-    @property
-    def distance(self) -> int:
-        """k: tokens from the key's first token to the end of the prompt."""
-        return len(self.tokens) - self.key_index
-
-
-class PasskeyPrompter:
-    """Builds passkey prompts of an exact length with the key at an exact distance from the end."""
-
-    def __init__(self, tokenizer: TokenizerLike) -> None:
-        self.tokenizer = tokenizer
-        self.head = [tokenizer.bos_id, *tokenizer.encode(INSTRUCTION, bos=False)]
-        self.filler = tokenizer.encode(FILLER, bos=False)
-        self.question = tokenizer.encode(QUESTION, bos=False)
-
-    def _key_line(self, key: str) -> tuple[list[int], int]:
-        """Tokens of the key line and the index of the token that holds the key's first digit."""
-        line = KEY_LINE.format(key=key)
-        tokens = self.tokenizer.encode(line, bos=False)
-        offset = line.index(key)
-        # Decoded prefixes align with the text (the dummy-prefix space is dropped by decode):
-        # the first token whose prefix reaches past `offset` holds the key's first character.
-        for i in range(len(tokens)):
-            if len(self.tokenizer.decode(tokens[: i + 1])) > offset:
-                return tokens, i
-        raise EvaluationError(f"the tokenizer lost the key {key} in {line!r}; use a tokenizer that round-trips ASCII text.")
-
-    def answer_length(self, key: str) -> int:
-        """Tokens the model must generate to spell the key after "The pass key is"."""
-        return len(self.tokenizer.encode(key, bos=False))
-
-    def distance_range(self, length: int, key: str = "12345") -> tuple[int, int]:
-        """The smallest and largest k a prompt of `length` tokens can place the key at."""
-        line, at = self._key_line(key)
-        smallest = len(line) - at + len(self.question)
-        largest = length - len(self.head) - at
-        return smallest, largest
-
-    def build(self, key: str, distance: int, length: int) -> PasskeyPrompt:
-        """A prompt of exactly `length` tokens with `key` exactly `distance` tokens from its end."""
-        line, at = self._key_line(key)
-        smallest, largest = self.distance_range(length, key)
-        if not smallest <= distance <= largest:
-            raise EvaluationError(
-                f"a {length}-token passkey prompt can place the key {smallest} to {largest} tokens from the end, "
-                f"not {distance}; pick a distance in that range or a longer window."
-            )
-        after = distance - (len(line) - at) - len(self.question)
-        before = length - len(self.head) - at - distance
-        tokens = [
-            *self.head,
-            *self._filler(before),
-            *line,
-            *self._filler(after),
-            *self.question,
-        ]
-        return PasskeyPrompt(tokens=tokens, key=key, key_index=len(self.head) + before + at)
-
-    def _filler(self, n: int) -> list[int]:
-        """n filler tokens: whole repeats, then the first tokens of one more.
-
-        The cut repeat goes last because the piece after it (key line or question) starts a
-        new word: a cut can leave a word unfinished but never glues two words together.
-        """
-        repeats, rest = divmod(n, len(self.filler))
-        return self.filler * repeats + self.filler[:rest]
 
 
 def spread_distances(smallest: int, largest: int, count: int) -> list[int]:

@@ -68,6 +68,7 @@ class Reproduction:
         self.long_window = round(self.window * float(cfg.scale))  # L'
         self.windows = sorted({self.window * 2**i for i in range(8) if self.window * 2**i < self.long_window} | {self.long_window})
         self.stages: dict[str, Stage] = {}
+        self._data_key: str | None = None
 
     # -- training ---------------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class Reproduction:
         record = run_dir / "reproduce_stage.json"
         # A fine-tune depends on the base run as well as its own settings: a new base makes it stale.
         inputs = {name: self._fingerprint(name) for name in self.stages if f"init={self.checkpoint(name)}" in stage.overrides}
+        inputs["data"] = self.data_key()  # same settings over new training data (e.g. a new passkey recipe): stale
         if self.cfg.reuse and record.is_file() and self.checkpoint(stage.name).is_file():
             saved = json.loads(record.read_text())
             if saved["overrides"] == stage.overrides and saved.get("inputs") == inputs:
@@ -129,13 +131,23 @@ class Reproduction:
         self.stages[stage.name] = stage
         return stage
 
-    def train_tokens(self) -> int:
-        """Tokens in the train split the stages read (the corpus plus the passkey share)."""
+    def data_module(self) -> Any:
+        """The data every stage trains on (the corpus plus the passkey share), as the base run reads it."""
         from data import TextDataModule  # noqa: PLC0415
 
         data = OmegaConf.to_container(compose(config_name="config", overrides=self.common()).data, resolve=True)
         data["passkey_max_tokens"] = data.get("passkey_max_tokens") or self.window
-        return TextDataModule(**data, seq_len=self.window, seed=int(self.cfg.seed)).store("train").num_tokens
+        return TextDataModule(**data, seq_len=self.window, seed=int(self.cfg.seed))
+
+    def train_tokens(self) -> int:
+        """Tokens in the train split the stages read (the corpus plus the passkey share)."""
+        return self.data_module().store("train").num_tokens
+
+    def data_key(self) -> str:
+        """The token cache's key: it changes with the corpus, the tokenizer or the passkey recipe."""
+        if self._data_key is None:
+            self._data_key = self.data_module().token_dir.name
+        return self._data_key
 
     def tokens_seen(self, stage: str) -> int:
         """Training tokens of a stage: steps x batch x window."""

@@ -397,40 +397,91 @@ def test_config_keys_match_constructor(name: str) -> None:
 # -- synthetic passkey documents ----------------------------------------------------------------
 
 
-def test_passkey_documents_fit_the_window_and_cover_it(tok: Tokenizer) -> None:
-    from data.synthetic_passkey import FILLER, KEY_LINE, QUESTION, passkey_documents
+def test_passkey_documents_are_evaluation_prompts_answered(tok: Tokenizer) -> None:
+    from data.synthetic_passkey import INSTRUCTION, QUESTION, PasskeyPrompter, passkey_documents
 
-    documents = passkey_documents(tok, 200, max_tokens=256, seed=3)
-    lengths = [len(tok.encode(d, bos=True, eos=True)) for d in documents]
-    assert max(lengths) <= 256 and max(lengths) > 256 - 2 * len(tok.encode(FILLER, bos=False))
+    documents = passkey_documents(tok, 300, max_tokens=256, seed=3)
+    assert max(map(len, documents)) > 250  # the window is used up to its end
+    assert all(len(d) <= 256 and d[0] == tok.bos_id and d[-1] == tok.eos_id for d in documents)
+    prompter, question = PasskeyPrompter(tok), tok.encode(QUESTION, bos=False)
     distances = []
-    for text in documents:
+    for ids in documents:
+        text = tok.decode(ids)
         key = text.rsplit(" ", 1)[1].rstrip(".")
-        assert len(key) == 5 and key.isdigit()
-        assert KEY_LINE.format(key=key) in text and text.endswith(f"{QUESTION} {key}.")
-        distances.append(len(text) - text.index(KEY_LINE.format(key=key)))
-    # The key-to-question distance spreads over the window, word by word: a few fixed offsets
-    # (whole filler repeats only) could be learnt by position instead of by content.
-    assert min(distances) < 2 * len(FILLER) and max(distances) > 5 * len(FILLER)
-    after = [len(text.split(" is the pass key. ")[1].split()) - len(QUESTION.split()) - 1 for text in documents]
-    assert len(set(after)) > 50 and {n % len(FILLER.split()) for n in after} == set(range(len(FILLER.split())))
+        assert len(key) == 5 and key.isdigit() and text.startswith(INSTRUCTION)
+        # The prompt part is token for token what the evaluation builds for this key, length and distance.
+        end = max(i for i in range(len(ids)) if ids[i - len(question) : i] == question)
+        first = text.index(f"The pass key is {key}. Remember it.")
+        prompt = ids[:end]
+        key_index = next(i for i in range(len(prompt)) if len(tok.decode(prompt[: i + 1])) > first + len("The pass key is "))
+        distance = len(prompt) - key_index
+        assert prompt == prompter.build(key, distance, len(prompt)).tokens
+        assert tok.decode(ids[end:]).strip() == f"{key}."
+        distances.append(distance)
+    # Distances spread uniformly over what fits: a few fixed offsets could be learnt by position, and rare
+    # long ones were not learnt at all.
+    smallest, largest = prompter.distance_range(256 - 8)
+    assert min(distances) < smallest + 10 and max(distances) > largest - 10
+    thirds = np.histogram(distances, bins=3, range=(smallest, largest))[0]
+    assert thirds.min() > 0.2 * len(documents), thirds
     assert passkey_documents(tok, 5, 256, seed=3) == documents[:5]  # seeded
 
 
 def test_passkey_mix_is_the_requested_share_of_train_only(shk: TextDataModule) -> None:
-    mixed = TextDataModule(seq_len=128, batch_size=4, cache_dir=str(shk.cache_dir), seed=0,
-                           passkey_share=0.1, passkey_max_tokens=128).prepare()
+    block = 128
+    mixed = TextDataModule(seq_len=2 * block, batch_size=4, cache_dir=str(shk.cache_dir), seed=0,
+                           passkey_share=0.1, passkey_max_tokens=block).prepare()
     assert mixed.tokenizer.path == shk.tokenizer.path  # the corpus' tokenizer, not a new one
     assert mixed.token_dir != shk.token_dir
-    plain, extra = shk.documents("train"), mixed.documents("train")
-    added = [d for d in extra if len(d) <= 128]
-    assert len(extra) == len(plain) + len(added) and all(len(d) <= 128 for d in added)
-    share = sum(map(len, added)) / sum(map(len, extra))
-    assert 0.095 < share < 0.11, share
     key_line = shk.tokenizer.encode("Remember it.", bos=False)
-    assert all(_contains(d.tolist(), key_line) for d in added)
+    bos = shk.tokenizer.bos_id
+    pieces, starts = mixed.documents("train"), mixed.store("train").offsets[:-1]
+    placed = [(d, s) for d, s in zip(pieces, starts) if d[0] == bos and _contains(d.tolist(), key_line)]
+    corpus = [d for d, s in zip(pieces, starts) if not (d[0] == bos and _contains(d.tolist(), key_line))]
+    # The corpus is all there, in order, only cut around the placed documents.
+    assert np.array_equal(np.concatenate(corpus), np.concatenate(shk.documents("train")))
+    share = sum(len(d) for d, _ in placed) / mixed.store("train").num_tokens
+    assert 0.095 < share < 0.11, share
+    # Every passkey document lies whole inside one training window: it starts at a block boundary.
+    assert all(len(d) <= block and s % block == 0 for d, s in placed)
+    windows, seq_len = mixed.dataset("train"), 2 * block
+    for document, start in placed:
+        window, offset = divmod(int(start), seq_len)
+        if window < len(windows):  # the incomplete tail window is dropped
+            assert torch.equal(windows[window][offset : offset + len(document)], torch.from_numpy(document.astype(np.int64)))
     for split in ("validation", "test"):
         assert [d.tolist() for d in mixed.documents(split)] == [d.tolist() for d in shk.documents(split)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_block_placement_keeps_the_corpus_and_puts_each_document_inside_one_block(seed: int) -> None:
+    from data.synthetic_passkey import BlockPlacement, spread_offsets
+
+    rng = random.Random(seed)
+    block = rng.choice([4, 8, 16])
+    corpus = [list(range(1000 * i, 1000 * i + rng.randint(1, 60))) for i in range(1, rng.randint(1, 8))]
+    total = sum(map(len, corpus))
+    extra = [[-1 - j] * rng.randint(1, block) for j in range(rng.randint(0, 12))]
+    placement = BlockPlacement(extra, spread_offsets(len(extra), total, seed), block)
+    stream = [t for piece in placement.place(corpus, pad_id=-999) for t in piece]
+    # The corpus, in order and complete, is what remains once the placed documents and padding are removed.
+    assert [t for t in stream if t >= 0] == [t for d in corpus for t in d]
+    assert stream.count(-999) == placement.padding
+    for j, document in enumerate(extra):
+        start = stream.index(document[0])
+        assert stream[start : start + len(document)] == document and start % block == 0
+        # It went in no earlier than its corpus offset, and at the first boundary after it.
+        before = sum(1 for t in stream[:start] if t >= 0)
+        assert before >= min(placement.at[j], total)
+    if placement.padding:  # padding only ever follows the whole corpus
+        assert all(t < 0 for t in stream[stream.index(-999):])
+
+
+def test_block_placement_rejects_a_document_longer_than_its_block() -> None:
+    from data.synthetic_passkey import BlockPlacement
+
+    with pytest.raises(ValueError, match="longer than the 4-token block"):
+        BlockPlacement([[1, 2, 3, 4, 5]], [0], 4)
 
 
 def _contains(haystack: list[int], needle: list[int]) -> bool:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
+from data.errors import DataError
 from data.tokenizer import train_tokenizer
 from evaluation import (
     EvaluationError,
@@ -202,7 +203,7 @@ def test_passkey_prompt_puts_the_key_at_the_requested_distance(tokenizer, length
 def test_passkey_prompt_refuses_an_unreachable_distance(tokenizer):
     prompter = PasskeyPrompter(tokenizer)
     smallest, largest = prompter.distance_range(200)
-    with pytest.raises(EvaluationError, match=f"place the key {smallest} to {largest} tokens from the end"):
+    with pytest.raises(DataError, match=f"place the key {smallest} to {largest} tokens from the end"):
         prompter.build("12345", largest + 1, 200)
 
 

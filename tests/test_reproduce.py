@@ -113,6 +113,10 @@ def test_a_finished_stage_is_reused_until_its_settings_or_its_base_change(tmp_pa
         assert trained == ["base", "pi", "pi", "base", "pi"]
         stages("budget.pretrain_steps=31", "reuse=false")
         assert trained[-2:] == ["base", "pi"] and len(trained) == 7
+        # Same settings over new training data (a new passkey recipe changes the token cache): all stale.
+        monkeypatch.setattr("data.datamodule.PASSKEY_RECIPE", -1)
+        stages("budget.pretrain_steps=31")
+        assert trained[-2:] == ["base", "pi"] and len(trained) == 9
 
 
 @pytest.mark.slow
