@@ -308,7 +308,8 @@ class TextDataModule(L.LightningDataModule):
         # Sized from a sample: the mean length of the documents the generator makes.
         sample = passkey_documents(self.tokenizer, 64, self.passkey_max_tokens, self.seed)
         count = count_for_share(self.passkey_share, corpus_tokens, sum(map(len, sample)) / len(sample))
-        extra = passkey_documents(self.tokenizer, count, self.passkey_max_tokens, self.seed)
+        # Compact arrays, not lists of Python ints: a share of a large corpus is many documents.
+        extra = [np.asarray(ids, dtype=np.int32) for ids in passkey_documents(self.tokenizer, count, self.passkey_max_tokens, self.seed)]
         log.info("placing %d passkey documents (<= %d tokens each, %.0f%% of train tokens) into the train split",
                  count, self.passkey_max_tokens, 100 * self.passkey_share)
         placement = BlockPlacement(extra, spread_offsets(count, corpus_tokens, self.seed), self.passkey_max_tokens)

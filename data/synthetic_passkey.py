@@ -84,9 +84,16 @@ class PasskeyPrompter:
                 return tokens, i
         raise DataError(f"the tokenizer lost the key {key} in {line!r}; use a tokenizer that round-trips ASCII text.")
 
-    def answer(self, key: str) -> list[int]:
-        """The tokens that spell the key after "The pass key is" (its leading space included)."""
-        return self.tokenizer.encode(key, bos=False)
+    def answer(self, key: str, end: str = "") -> list[int]:
+        """The tokens that follow the question when the key (then `end`) is written after it as running text.
+
+        Taken in context, so the separating space is whatever the tokenizer makes of it: a "▁"
+        piece for LLaMA's sentencepiece, a " " token or a space glued to the digits for others.
+        """
+        full = self.tokenizer.encode(f"{QUESTION} {key}{end}", bos=False)
+        if full[: len(self.question)] != self.question:  # the key merged into the question's last token
+            return self.tokenizer.encode(f"{key}{end}", bos=False)
+        return full[len(self.question) :]
 
     def answer_length(self, key: str) -> int:
         """Tokens the model must generate to spell the key after "The pass key is"."""
@@ -144,7 +151,7 @@ def passkey_documents(tokenizer: TokenizerLike, count: int, max_tokens: int, see
     documents: list[list[int]] = []
     while len(documents) < count:
         key = str(rng.randint(10000, 99999))
-        answer = [*tokenizer.encode(f"{key}.", bos=False), tokenizer.eos_id]
+        answer = [*prompter.answer(key, end="."), tokenizer.eos_id]
         longest = max_tokens - len(answer)  # the longest prompt that leaves room for the answer
         smallest, largest = prompter.distance_range(longest, key)
         if smallest > largest:
@@ -180,7 +187,7 @@ class BlockPlacement:
     The corpus fills the gaps, so no token is wasted except padding after the corpus' end.
     """
 
-    documents: list[list[int]]  # token ids, BOS and EOS included, each at most `block` long
+    documents: Sequence[Sequence[int]]  # token ids, BOS and EOS included, each at most `block` long
     at: list[int]  # sorted: document j goes in once at[j] corpus tokens have been written
     block: int
     padding: int = 0  # pad tokens written after the corpus ran out (set by place)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from array import array
 import json
 import logging
 import os
@@ -71,14 +72,14 @@ def write_token_cache(
         placement = (placements or {}).get(split)
         if placement is not None:
             pieces = placement.place(pieces, pad_id=tokenizer.eos_id)
-        offsets = [0]
+        offsets = array("q", [0])  # 8 bytes per piece, not a Python int each
         bin_tmp = directory / f"{split}.bin{suffix}"
         with open(bin_tmp, "wb") as f:
             for ids in pieces:
                 f.write(np.asarray(ids, dtype=dtype).tobytes())
                 offsets.append(offsets[-1] + len(ids))
         idx_tmp = directory / f"{split}.idx{suffix}.npy"
-        np.save(idx_tmp, np.asarray(offsets, dtype=np.int64))
+        np.save(idx_tmp, np.frombuffer(offsets, dtype=np.int64))
         os.replace(bin_tmp, directory / f"{split}.bin")
         os.replace(idx_tmp, directory / f"{split}.idx.npy")
         splits[split] = {"num_tokens": offsets[-1], "num_documents": len(offsets) - 1}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from data.errors import DataError
 from evaluation import report
 from evaluation.errors import EvaluationError
 from evaluation.limits import check_window, extended_window
@@ -96,7 +97,8 @@ class ExtensionEvalCallback(Callback):
             check_window(model, window, f"the callback's passkey window {window}")
             try:
                 passkey = run_passkey(model, datamodule.tokenizer, window, self.passkey_positions, self.passkey_trials, self.seed, batch_size=self.passkey_trials)
-            except EvaluationError as error:  # e.g. a window too short for the prompt: not worth stopping training
+            except (EvaluationError, DataError) as error:  # a window too short for the prompt, a tokenizer that
+                # loses the key: not worth stopping training
                 log.warning("passkey evaluation skipped for this run: %s", error)
                 self._passkey_skipped = True
                 return row

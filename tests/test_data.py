@@ -467,12 +467,16 @@ def test_block_placement_keeps_the_corpus_and_puts_each_document_inside_one_bloc
     # The corpus, in order and complete, is what remains once the placed documents and padding are removed.
     assert [t for t in stream if t >= 0] == [t for d in corpus for t in d]
     assert stream.count(-999) == placement.padding
+    corpus_positions = [i for i, t in enumerate(stream) if t >= 0]
+    previous_end = 0
     for j, document in enumerate(extra):
         start = stream.index(document[0])
         assert stream[start : start + len(document)] == document and start % block == 0
-        # It went in no earlier than its corpus offset, and at the first boundary after it.
-        before = sum(1 for t in stream[:start] if t >= 0)
-        assert before >= min(placement.at[j], total)
+        # Due once at[j] corpus tokens are written (and after the document before it); it goes in at
+        # the first block boundary from there: neither early nor late.
+        due = max(corpus_positions[placement.at[j] - 1] + 1 if placement.at[j] else 0, previous_end)
+        assert start == -(-due // block) * block, (j, start, due)
+        previous_end = start + len(document)
     if placement.padding:  # padding only ever follows the whole corpus
         assert all(t < 0 for t in stream[stream.index(-999):])
 
