@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from array import array
 import json
 import logging
 import os
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
