@@ -35,8 +35,11 @@ RECIPE = 4
 class TokenizerLike(Protocol):
     """The part of data.tokenizer.Tokenizer the prompts need."""
 
-    bos_id: int
-    eos_id: int
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
