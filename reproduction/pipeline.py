@@ -8,6 +8,7 @@ reused when its settings are unchanged, so an interrupted reproduction picks up 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -68,7 +69,6 @@ class Reproduction:
         self.long_window = round(self.window * float(cfg.scale))  # L'
         self.windows = sorted({self.window * 2**i for i in range(8) if self.window * 2**i < self.long_window} | {self.long_window})
         self.stages: dict[str, Stage] = {}
-        self._data_key: str | None = None
 
     # -- training ---------------------------------------------------------------------------
 
@@ -131,7 +131,8 @@ class Reproduction:
         self.stages[stage.name] = stage
         return stage
 
-    def data_module(self) -> Any:
+    @functools.cached_property
+    def data(self) -> Any:
         """The data every stage trains on (the corpus plus the passkey share), as the base run reads it."""
         from data import TextDataModule  # noqa: PLC0415
 
@@ -141,13 +142,11 @@ class Reproduction:
 
     def train_tokens(self) -> int:
         """Tokens in the train split the stages read (the corpus plus the passkey share)."""
-        return self.data_module().store("train").num_tokens
+        return self.data.store("train").num_tokens
 
     def data_key(self) -> str:
         """The token cache's key: it changes with the corpus, the tokenizer or the passkey recipe."""
-        if self._data_key is None:
-            self._data_key = self.data_module().token_dir.name
-        return self._data_key
+        return self.data.token_dir.name
 
     def tokens_seen(self, stage: str) -> int:
         """Training tokens of a stage: steps x batch x window."""
