@@ -93,6 +93,24 @@ def test_a_crashed_run_resumes_mid_epoch_exactly_like_an_uninterrupted_one(cache
     assert torch.load(resumed.last_checkpoint, weights_only=True)["global_step"] == 10
 
 
+def test_a_finished_run_extended_by_resume_logs_every_step_where_an_uninterrupted_run_does(cache_dir, tmp_path):
+    """The end-of-run last.ckpt (written at max_steps, mid-epoch) resumed with a larger max_steps.
+
+    A constant learning rate after warmup (the fine-tuning recipe's), so that the longer run's schedule
+    agrees with the shorter one's where they overlap.
+    """
+    extendable = [*RESUMABLE, "optim.pretrain.schedule=constant"]
+    full = train(smoke(cache_dir, tmp_path / "full", *extendable, "optim.pretrain.max_steps=8"))
+    train(smoke(cache_dir, tmp_path / "short", *extendable, "optim.pretrain.max_steps=5"))
+    last = tmp_path / "short" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    extended = train(smoke(cache_dir, tmp_path / "short", *extendable, "optim.pretrain.max_steps=8", f"resume={last}"))
+    expected = losses(tmp_path / "full")
+    assert sorted(expected) == list(range(8))
+    assert losses(tmp_path / "short") == expected  # same steps, same values: no row shifted or missing
+    assert_same_weights(full.last_checkpoint, extended.last_checkpoint)
+
+
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     states = rng_states()
     torch.save(states, tmp_path / "rng.pt")

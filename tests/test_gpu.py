@@ -129,3 +129,4 @@ def test_one_train_step_on_gpu_logs_mfu(tmp_path):
     assert torch.isfinite(torch.tensor(result.metrics["train/loss"]))
     assert result.metrics["perf/tokens_per_s"] > 0
     assert 0 < result.metrics["perf/mfu"] < 1
+    assert 0 < result.metrics["perf/peak_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30

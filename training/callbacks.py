@@ -10,10 +10,12 @@ import torch
 
 
 class Throughput(L.Callback):
-    """Logs tokens/s every `every` steps, and MFU against `peak_flops` when that is known.
+    """Logs tokens/s every `every` steps, MFU against `peak_flops` when that is known, and on CUDA
+    the peak memory the allocator has held since the run started (perf/peak_gib).
 
     The clock is read after a device synchronisation once per interval, never per step, so
-    the measurement does not slow the loop it measures.
+    the measurement does not slow the loop it measures. The memory figure is an allocator
+    counter read on the host: it needs no synchronisation.
     """
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None, every: int = 10) -> None:
@@ -28,6 +30,8 @@ class Throughput(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start, self._start_step = None, trainer.global_step
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -43,6 +47,8 @@ class Throughput(L.Callback):
         self.last = {"perf/tokens_per_s": tokens_per_s}
         if self.peak_flops:
             self.last["perf/mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+        if pl_module.device.type == "cuda":
+            self.last["perf/peak_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         pl_module.log_dict(self.last, prog_bar=False)
         self._start, self._start_step = now, step
 

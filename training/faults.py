@@ -81,6 +81,15 @@ class FaultTolerance(L.Callback):
             set_rng_states(self._pending)
             self._pending = None
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # Loggers label rows with the loop's count of stepped batches. Lightning 2.6 adds one to that count
+        # when it restarts from a checkpoint written at the end of a run (max_steps reached), which saved it
+        # already counted, so an extended run would log every row one step late. One optimizer per step
+        # here: the count is the global step.
+        loop = trainer.fit_loop.epoch_loop
+        if loop._batches_that_stepped != trainer.global_step:
+            loop._batches_that_stepped = trainer.global_step
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return  # a crash or a non-finite loss: keep the last good checkpoint as it is
