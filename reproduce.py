@@ -8,7 +8,8 @@
    prompts (each <= L tokens) so that it can retrieve within its own window.
 2. Extend it to L' = scale x L: PI fine-tuning (N steps), direct fine-tuning with extrapolated
    positions (N and 10N steps), and without fine-tuning: the base read with plain RoPE, PI,
-   NTK-aware, dynamic NTK and YaRN. Beyond the paper's design: PI with 10N steps too.
+   NTK-aware, dynamic NTK and YaRN. Beyond the paper's design: PI with 10N steps too, and (where
+   the budget enables it) the four fine-tunes again with passkey prompts up to L' in their data.
 3. Evaluate all of them: sliding-window perplexity at L..L' (test split), passkey k_max, the
    by-step table from the fine-tuning runs (validation split), the attention-bound analysis.
 4. Write report_dir/README.md (tables laid out like the paper's, its numbers beside ours, and a
@@ -61,20 +62,27 @@ def reproduce(cfg: DictConfig) -> Path:
     # tells a slower PI adaptation at this scale from a worse end point.
     run.finetune("pi_long", f"PI, {n_long} steps", "pi", n_long, int(b.long_eval_every_n_steps))
 
+    ablation_stages = run.long_passkey_ablation() if b.long_passkey_ablation else []
+
     base = {"name": "RoPE (base)", "ckpt": str(run.checkpoint("base"))}
     evaluated = time.perf_counter()
     extensions = run.evaluate("extensions", ["ppl", "passkey"], run.extension_variants(),
                               **{"passkey.window": run.long_window})
+    ablation = None
+    if ablation_stages:
+        ablation = run.evaluate("ablation_long_passkey", ["ppl", "passkey"], run.stage_variants(ablation_stages),
+                                **{"passkey.window": run.long_window})
+        ablation["stages"] = ablation_stages
     own_window = run.evaluate("base_window", ["passkey"], [base], **{"passkey.window": run.window})
     attention = run.evaluate("attention", ["attention"], [base])
     timings = {name: stage.seconds for name, stage in run.stages.items()}
     timings["evaluation"] = time.perf_counter() - evaluated
     timings["total"] = sum(timings.values())  # each stage's own run time, also when reused from an earlier call
-    return write_report(cfg, run, extensions, own_window["passkey"][base["name"]], attention, timings)
+    return write_report(cfg, run, extensions, own_window["passkey"][base["name"]], attention, timings, ablation)
 
 
 def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], base_passkey: dict[str, Any],
-                 attention: dict[str, Any], timings: dict[str, float]) -> Path:
+                 attention: dict[str, Any], timings: dict[str, float], ablation: dict[str, Any] | None = None) -> Path:
     from evaluation import report as tables
     from model.checkpoints import atomic_directory
     from reproduction import report
@@ -107,6 +115,16 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], base_pas
             "attention": report.copy_figure(eval_dir / "attention" / "attention.png", out / "figure2_fit.png"),
         }
         report.plot_by_step(out / "by_step.png", by_step, long_window)
+        ablation_text, ablation_json = "", None
+        if ablation is not None:
+            ablation_by_step = {stages[name].title: run.by_step(name) for name in ablation["stages"]}
+            report.plot_by_step(out / "by_step_ablation.png", ablation_by_step, long_window)
+            reference = {stages[name].title: name for name in ("pi", "ft", "ft_long", "pi_long")}
+            ablation_text = report.long_passkey_section(
+                L, long_window, windows, budget, reference_rows=list(reference), ablation_rows=list(ablation_by_step),
+                ppl={**ppl, **ablation["ppl_table"]}, passkey={**extensions["passkey"], **ablation["passkey"]},
+                by_step=ablation_by_step, figure="by_step_ablation.png")
+            ablation_json = {"ppl": ablation["ppl_table"], "passkey": ablation["passkey"], "by_step": ablation_by_step}
         base_figures = [f for f in attention["figures"] if f.startswith("attention_")]
         if base_figures:
             figures["base_qk"] = report.copy_figure(eval_dir / "attention" / base_figures[0], out / "figure2_base_qk.png")
@@ -170,7 +188,7 @@ largest k such that every k' <= k succeeds in at least 20% of the trials. The pa
 
 ![passkey]({figures['passkey']})
 
-## Figure 2 analog: attention-score bounds
+{ablation_text}## Figure 2 analog: attention-score bounds
 
 The paper: {report.PAPER_FIGURE_2}
 
@@ -188,6 +206,7 @@ Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not
                                              for s in stages.values()},
             "ppl": ppl, "passkey": extensions["passkey"], "passkey_base_at_L": base_passkey, "by_step": by_step,
             "attention": attention["attention"], "claims": [c.__dict__ for c in claims],
+            **({"ablation_long_passkey": ablation_json} if ablation_json is not None else {}),
         })
     log.info("report: %s (%s)", Path(str(cfg.report_dir)) / "README.md", verdicts)
     print(f"report written to {Path(str(cfg.report_dir)).resolve() / 'README.md'}: {verdicts}")

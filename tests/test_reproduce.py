@@ -68,6 +68,24 @@ def test_each_claim_can_fail_or_hold_in_part() -> None:
     assert verdicts(numbers(ppl=ruinous))[4] == NOT_HELD
 
 
+def test_the_ablation_table_splits_passkey_success_at_the_base_window() -> None:
+    from reproduction.report import long_passkey_section, success_within_and_beyond
+
+    result = {"distances": [50, 128, 129, 600, 1000], "success_rates": [1.0, 0.5, 0.2, 0.0, 0.4], "k_max": 128}
+    assert success_within_and_beyond(result, 128) == pytest.approx((0.75, 0.2))
+    assert success_within_and_beyond({"distances": [10], "success_rates": [1.0]}, 128) == (1.0, None)
+
+    runs = ["PI, 4 steps", "PI, 4 steps, passkeys to L' = 1024"]
+    ppl = {name: {128: 40.0, 1024: 38.0} for name in runs}
+    text = long_passkey_section(128, 1024, [128, 1024], {"finetune_steps": 4, "long_finetune_steps": 8,
+                                                         "passkey_share": 0.2, "passkey_trials": 10, "passkey_positions": 5},
+                                reference_rows=runs[:1], ablation_rows=runs[1:], ppl=ppl,
+                                passkey={name: result for name in runs},
+                                by_step={runs[1]: [{"step": 0, "ppl_1024": 50.0, "passkey_k_max": 0}]}, figure="f.png")
+    assert "| PI, 4 steps, passkeys to L' = 1024 | 40.00 | 38.00 | 128 | 0.75 | 0.20 |" in text
+    assert "not used for any verdict" in text
+
+
 @pytest.mark.parametrize("budget", ["cpu", "gpu", "mini"])
 def test_every_budget_composes_into_valid_training_configs(budget: str) -> None:
     from training.config import validate
@@ -128,14 +146,19 @@ def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     text = (report / "README.md").read_text()
-    for section in ("## Claims", "Table 1 analog", "Table 3 analog", "Table 4 analog", "Figure 2 analog"):
+    for section in ("## Claims", "Table 1 analog", "Table 3 analog", "Table 4 analog", "Ablation beyond the paper",
+                    "Figure 2 analog"):
         assert section in text
-    for figure in ("ppl_by_window.png", "by_step.png", "passkey.png", "figure2_fit.png"):
+    for figure in ("ppl_by_window.png", "by_step.png", "passkey.png", "figure2_fit.png", "by_step_ablation.png"):
         assert (report / figure).stat().st_size > 1000
     results = json.loads((report / "results.json").read_text())
     assert len(results["claims"]) == 5 and all(c["verdict"] in (HELD, PARTLY, NOT_HELD, UNTESTABLE) for c in results["claims"])
     assert set(results["ppl"]) >= {"RoPE (base), no fine-tuning", "PI, 4 steps", "FT (direct), 8 steps", "PI, 8 steps"}
     assert [row["step"] for row in results["by_step"]["PI, 4 steps"]] == [0, 2, 4]
+    ablation = results["ablation_long_passkey"]
+    assert set(ablation["ppl"]) == set(ablation["passkey"]) == set(ablation["by_step"]) == {
+        f"{run}, {steps} steps, passkeys to L' = 1024" for run in ("PI", "FT (direct)") for steps in (4, 8)}
+    assert "data.passkey_max_tokens=1024" in results["stages"]["pi_lpk"]["command"]
     # A second run reuses every finished stage instead of training again.
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and (again.stdout + again.stderr).count("reusing the finished run") == 5, again.stdout[-3000:]
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("reusing the finished run") == 9, again.stdout[-3000:]
