@@ -62,7 +62,7 @@ def reproduce(cfg: DictConfig) -> Path:
     # tells a slower PI adaptation at this scale from a worse end point.
     run.finetune("pi_long", f"PI, {n_long} steps", "pi", n_long, int(b.long_eval_every_n_steps))
 
-    ablation_stages = run.long_passkey_ablation() if b.long_passkey_ablation else []
+    ablation_stages = run.long_passkey_ablation() if b.get("long_passkey_ablation", False) else []
 
     base = {"name": "RoPE (base)", "ckpt": str(run.checkpoint("base"))}
     evaluated = time.perf_counter()
@@ -119,9 +119,9 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], base_pas
         if ablation is not None:
             ablation_by_step = {stages[name].title: run.by_step(name) for name in ablation["stages"]}
             report.plot_by_step(out / "by_step_ablation.png", ablation_by_step, long_window)
-            reference = {stages[name].title: name for name in ("pi", "ft", "ft_long", "pi_long")}
+            reference = [stages[name].title for name in ("pi", "ft", "ft_long", "pi_long")]
             ablation_text = report.long_passkey_section(
-                L, long_window, windows, budget, reference_rows=list(reference), ablation_rows=list(ablation_by_step),
+                L, long_window, windows, budget, reference_rows=reference, ablation_rows=list(ablation_by_step),
                 ppl={**ppl, **ablation["ppl_table"]}, passkey={**extensions["passkey"], **ablation["passkey"]},
                 by_step=ablation_by_step, figure="by_step_ablation.png")
             ablation_json = {"ppl": ablation["ppl_table"], "passkey": ablation["passkey"], "by_step": ablation_by_step}

@@ -11,9 +11,10 @@
 # A rerun can pick steps, e.g. `bash bench/run_gpu.sh bench` (any of: tests bench fsdp compile).
 #
 # The whole script keeps within RUN_GPU_BUDGET_S (default 575 s, under the device tool's 600 s limit):
-# each step has a cap (tests 80 s, bench 270 s, fsdp 170 s) and never runs past what is left, and the
-# compile rows get the rest. The tables are rewritten under $OUT after every row, so a step cut short still
-# leaves what it measured. Files back in $OUT: test_gpu.log, bench.{log,md,json}, fsdp.log, compile.{log,md,json}.
+# each step has a cap (tests 75 s, bench 250 s, fsdp 150 s, compile the rest) and never eats the time
+# kept back for the steps after it (CAP and FLOOR below). The tables are rewritten under $OUT after every
+# row, so a step cut short still leaves what it measured. Files back in $OUT: test_gpu.log, bench.{log,md,json}, fsdp.log, fsdp_gpu_mem.csv,
+# compile.{log,md,json}, and cut.log / STEP.skipped when a step was cut or not started.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-${TMPDIR:-/tmp}/bench-out}
@@ -32,50 +33,64 @@ else
   export PYTHONPATH="${TMPDIR:-/tmp}/site:$PWD"
 fi
 
-# Seconds a step may run: its cap, or what is left of the budget if that is less (0: not worth starting).
+# Each step's cap (0: whatever is left) and the time kept back for it while earlier steps run, so that a
+# slow step cannot starve the ones after it. Defaults fit 575 s: tests 75, bench 250, fsdp 150, compile the rest.
+declare -A CAP=([tests]=75 [bench]=250 [fsdp]=150 [compile]=0)
+declare -A FLOOR=([tests]=30 [bench]=120 [fsdp]=90 [compile]=60)
+
+# Seconds step $1 may run when steps $2.. are still to come (0: not worth starting).
 allowance() {
-  local left=$((budget - SECONDS))
-  local cap=${1:-$left}
-  ((left < cap)) && cap=$left
-  ((cap < 45)) && cap=0
+  local step=$1 later left cap
+  shift
+  left=$((budget - SECONDS))
+  for later in "$@"; do left=$((left - ${FLOOR[$later]:-0})); done
+  cap=${CAP[$step]}
+  if ((cap == 0 || left < cap)); then cap=$left; fi
+  if ((cap < 45)); then cap=0; fi
   echo "$cap"
 }
 
-# FSDP2 through Lightning on one GPU with the 1.1B shape: 4 steps at its 2048-token window, a validation and
-# sharded checkpoints (last and best, ~13 GB each with AdamW's state), then a resume from last.ckpt to step 6.
+# FSDP2 through Lightning on one GPU with the 1.1B shape: 4 steps at its 2048-token window and a sharded
+# checkpoint (~13 GB with AdamW's state), then a resume from it to step 6 and a second one. Validation is
+# off: at the last step it would add a "best" and a second "last" write (validation under FSDP runs in
+# tests/test_distributed.py on CPU).
 fsdp_smoke() {
   local run_dir=${TMPDIR:-/tmp}/fsdp-1.1b
   local common=(trainer=fsdp trainer.devices=1 model=tinyllama-1.1b stage=pretrain register_base=false
-    optim.pretrain.batch_size=2 trainer.val_check_interval=4 trainer.limit_val_batches=1 trainer.log_every_n_steps=1
+    optim.pretrain.batch_size=2 trainer.limit_val_batches=0 trainer.log_every_n_steps=1
     trainer.checkpoint_every_n_steps=0 trainer.enable_progress_bar=false "run_dir=$run_dir")
   # A dry run off the GPU (the script's logic, a shrunk model) can append overrides, e.g. trainer.accelerator=cpu.
+  local extra=()
   read -r -a extra <<< "${FSDP_SMOKE_OVERRIDES:-}"
-  common+=("${extra[@]}")
+  common+=(${extra[@]+"${extra[@]}"})
   rm -rf "$run_dir"
-  # Sampled beside the runs (stderr too is kept off the pipe, so tee ends when the step does).
-  timeout 600 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/fsdp_gpu_mem.csv" 2>/dev/null &
-  local sampler=$!
-  local rc=0
+  # A plain background job: it stays in this process group, so the step's timeout ends it too; its
+  # output goes to a file and /dev/null, never to the pipe into tee.
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/fsdp_gpu_mem.csv" 2>/dev/null &
+  local sampler=$! rc=0
   python3 train.py "${common[@]}" optim.pretrain.max_steps=4 || rc=$?
-  ((rc == 0)) && { du -sh "$run_dir"/checkpoints/*.ckpt/ ; ls -la "$run_dir/checkpoints"; }
-  ((rc == 0)) && { python3 train.py "${common[@]}" optim.pretrain.max_steps=6 "resume=$run_dir/checkpoints/last.ckpt" || rc=$?; }
+  if ((rc == 0)); then
+    du -sh "$run_dir"/checkpoints/.last.ckpt.*/
+    python3 train.py "${common[@]}" optim.pretrain.max_steps=6 "resume=$run_dir/checkpoints/last.ckpt" || rc=$?
+  fi
   kill "$sampler" 2>/dev/null
   echo "fsdp: metrics.csv"; cat "$run_dir/logs/metrics.csv" 2>/dev/null
   echo "fsdp: most GPU memory in use (nvidia-smi, MiB): $(sort -n "$OUT/fsdp_gpu_mem.csv" | tail -n 1)"
-  rm -rf "$run_dir"
   echo "fsdp: exit status $rc"
   return $rc
 }
 
+# A benchmark's own budget: it starts no new row after that, so leave it time to finish the last one.
+row_budget() { if (($1 > 2 * $2)); then echo $(($1 - $2)); else echo $(($1 / 2)); fi; }
+
 status=0
-for step in $steps; do
-  case $step in
-    tests) cap=$(allowance 80) ;;
-    bench) cap=$(allowance 270) ;;
-    fsdp) cap=$(allowance 170) ;;
-    compile) cap=$(allowance) ;;
-    *) echo "run_gpu.sh: unknown step '$step' (tests, bench, fsdp, compile)"; status=2; continue ;;
-  esac
+read -r -a planned <<< "$steps"
+for i in "${!planned[@]}"; do
+  step=${planned[$i]}
+  if [[ -z ${CAP[$step]+set} ]]; then
+    echo "run_gpu.sh: unknown step '$step' (tests, bench, fsdp, compile)"; status=2; continue
+  fi
+  cap=$(allowance "$step" "${planned[@]:i+1}")
   if ((cap == 0)); then
     echo "run_gpu.sh: step '$step' not started: ${SECONDS}s of the ${budget}s budget spent" | tee "$OUT/$step.skipped"
     status=1; continue
@@ -87,23 +102,33 @@ for step in $steps; do
         python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
         timeout -k 5 "$cap" python3 -m pytest -m gpu -q -rA -p no:cacheprovider tests/test_gpu.py
-      } 2>&1 | tee "$OUT/test_gpu.log" || status=1 ;;
+      } 2>&1 | tee "$OUT/test_gpu.log"
+      rc=${PIPESTATUS[0]} ;;
     bench)
-      timeout -k 5 "$cap" python3 bench/gpu_train_throughput.py --budget-s $((cap - 70)) --md bench.md 2>&1 \
-        | tee "$OUT/bench.log" || status=1 ;;
+      timeout -k 5 "$cap" python3 bench/gpu_train_throughput.py --budget-s "$(row_budget "$cap" 70)" --md bench.md 2>&1 \
+        | tee "$OUT/bench.log"
+      rc=${PIPESTATUS[0]} ;;
     fsdp)
       export -f fsdp_smoke
-      timeout -k 5 "$cap" bash -c fsdp_smoke 2>&1 | tee "$OUT/fsdp.log" || status=1 ;;
+      timeout -k 5 "$cap" bash -c fsdp_smoke 2>&1 | tee "$OUT/fsdp.log"
+      rc=${PIPESTATUS[0]}
+      rm -rf "${TMPDIR:-/tmp}/fsdp-1.1b" ;;  # ~26 GB of checkpoints, also when the step was cut short
     compile)
-      timeout -k 5 "$cap" python3 bench/gpu_train_throughput.py --suite compile --budget-s $((cap - 40)) --md compile.md 2>&1 \
-        | tee "$OUT/compile.log" || status=1 ;;
+      timeout -k 5 "$cap" python3 bench/gpu_train_throughput.py --suite compile --budget-s "$(row_budget "$cap" 40)" \
+        --md compile.md 2>&1 | tee "$OUT/compile.log"
+      rc=${PIPESTATUS[0]} ;;
   esac
+  if ((rc == 124 || rc == 137)); then
+    echo "run_gpu.sh: step '$step' was cut at its ${cap}s limit" | tee -a "$OUT/cut.log"
+  fi
+  ((rc == 0)) || status=1
 done
 
 # The reply keeps the end of the output: finish with the test summary and the tables.
 echo; echo "=================== summary"
 grep -E "passed|failed|error|skipped|PASSED|FAILED|ERROR" "$OUT/test_gpu.log" 2>/dev/null | tail -n 12
 grep -E "^fsdp:|done in|Error|error:" "$OUT/fsdp.log" 2>/dev/null | grep -v "metrics.csv" | tail -n 6
+cat "$OUT/cut.log" "$OUT"/*.skipped 2>/dev/null
 for table in bench.md compile.md; do
   [ -f "$OUT/$table" ] && { echo; cat "$OUT/$table"; }
 done

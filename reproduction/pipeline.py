@@ -105,9 +105,9 @@ class Reproduction:
         """Beyond the paper: the four fine-tunes again with passkey prompts up to L' (not L) in their data.
 
         The paper fine-tunes on PG-19 alone: LLaMA already retrieves at any distance in its window, so
-        the test is whether PI keeps that skill usable over L'. A small base learns retrieval only over
-        the distances it was trained on (<= L), so here PI and direct fine-tuning also get the chance to
-        learn it over L', and the question becomes how fast each encoding does. Returns the stage names.
+        the test is whether PI keeps that skill usable over L'. A small base was trained to retrieve over
+        at most L tokens; here PI and direct fine-tuning get the chance to learn retrieval over L', and
+        the question becomes how fast each encoding does. Returns the stage names.
         """
         b = self.budget
         n, n_long = int(b.finetune_steps), int(b.long_finetune_steps)

@@ -94,7 +94,7 @@ def test_a_crashed_run_resumes_mid_epoch_exactly_like_an_uninterrupted_one(cache
 
 
 def test_a_finished_run_extended_by_resume_logs_every_step_where_an_uninterrupted_run_does(cache_dir, tmp_path):
-    """The end-of-run last.ckpt (written at max_steps, mid-epoch) resumed with a larger max_steps.
+    """The end-of-run last.ckpt (max_steps 5, mid-epoch, a validation step) resumed with a larger max_steps.
 
     A constant learning rate after warmup (the fine-tuning recipe's), so that the longer run's schedule
     agrees with the shorter one's where they overlap.

@@ -82,10 +82,11 @@ class FaultTolerance(L.Callback):
             self._pending = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        # Loggers label rows with the loop's count of stepped batches. Lightning 2.6 adds one to that count
-        # when it restarts from a checkpoint written at the end of a run (max_steps reached), which saved it
-        # already counted, so an extended run would log every row one step late. One optimizer per step
-        # here: the count is the global step.
+        # Loggers label rows with the loop's count of stepped batches. Restarting from a checkpoint written
+        # after a step that validated (e.g. the end-of-run last.ckpt when max_steps is a multiple of
+        # val_check_interval), Lightning 2.6 skips the repeated validation but counts that step once more,
+        # so every later row would be logged one step late. One optimizer step per batch here: the count
+        # is the global step.
         loop = trainer.fit_loop.epoch_loop
         if loop._batches_that_stepped != trainer.global_step:
             loop._batches_that_stepped = trainer.global_step
