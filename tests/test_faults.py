@@ -111,6 +111,26 @@ def test_a_finished_run_extended_by_resume_logs_every_step_where_an_uninterrupte
     assert_same_weights(full.last_checkpoint, extended.last_checkpoint)
 
 
+@pytest.mark.parametrize("max_steps", [4, 5], ids=["last-step-validated", "between-validations"])
+def test_the_last_step_is_written_once(cache_dir, tmp_path, monkeypatch, max_steps):
+    """With checkpoint_every_n_steps=0, last.ckpt is written at each validation step (every 2 steps here),
+    and the end of the run writes it only if that did not already happen at the last step (a repeated
+    write costs tens of GB for a 7B model)."""
+    saved: list[tuple[str, int]] = []
+    original = L.Trainer.save_checkpoint
+
+    def save_checkpoint(self, filepath, *args, **kwargs):
+        saved.append((Path(filepath).name, self.global_step))
+        return original(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", save_checkpoint)
+    result = train(smoke(cache_dir, tmp_path, "stage=pretrain", f"optim.pretrain.max_steps={max_steps}",
+                         "trainer.checkpoint_every_n_steps=0", "register_base=false"))
+    assert saved.count(("last.ckpt", 2)) == 1  # the first validation step's
+    assert saved.count(("last.ckpt", max_steps)) == 1
+    assert torch.load(result.last_checkpoint, weights_only=True)["global_step"] == max_steps
+
+
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     states = rng_states()
     torch.save(states, tmp_path / "rng.pt")

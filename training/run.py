@@ -115,9 +115,14 @@ def train(cfg: DictConfig) -> RunResult:
         raise NonFiniteLossError(error.value, error.step, last if last.exists() else None) from None
     elapsed = time.perf_counter() - started
 
-    # ModelCheckpoint saves "last" after validation; a run that stops at max_steps between two
-    # validations would otherwise leave a "last" that is not the last step.
-    trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # with optimizer state: resumable
+    # ModelCheckpoint saves "last" every N steps; a run that stops at max_steps between two of those
+    # would otherwise leave a "last" that is not the last step. When it did save at the last step,
+    # writing again would only repeat the whole state (tens of GB for a 7B model).
+    # The callback's own record, the same on every rank, so that all ranks take part in the save or none.
+    saved_last_step = any(callback.save_last and callback._last_global_step_saved == trainer.global_step
+                          for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint))
+    if not saved_last_step:
+        trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # with optimizer state: resumable
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = RunResult(stage, run_dir, checkpoints / "last.ckpt", Path(best) if best else None, metrics)
@@ -201,9 +206,12 @@ def _trainer(
     checkpoints = run_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            auto_insert_metric_name=False)
+    val_every = min(int(trainer_cfg.pop("val_check_interval")), max_steps)
     # last.ckpt every N steps (after the optimizer step, so a resume repeats nothing), or at each
-    # validation when N is 0; writes are atomic, so a crash mid-write keeps the previous one.
-    every = levers["checkpoint_every_n_steps"] or None
+    # validation step when N is 0: Lightning 2.6 writes "last" at a validation only when the same
+    # callback also wrote a top-k file there, so a save_top_k=0 callback must be given the steps.
+    # Writes are atomic, so a crash mid-write keeps the previous one.
+    every = levers["checkpoint_every_n_steps"] or val_every
     last = ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=every)
     peak = levers["peak_tflops"] * 1e12 if levers["peak_tflops"] else None
     if peak is None and trainer_cfg["accelerator"] in ("gpu", "cuda") and torch.cuda.is_available():
@@ -231,7 +239,6 @@ def _trainer(
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(run_dir / "logs", name="tensorboard", version=""))
     strategy = build_strategy(trainer_cfg.pop("strategy"))
-    val_every = min(int(trainer_cfg.pop("val_check_interval")), max_steps)
     return L.Trainer(
         **trainer_cfg,
         strategy=strategy,
