@@ -340,6 +340,8 @@ def test_sigterm_saves_a_checkpoint_first_and_it_resumes_exactly(cache_dir, tmp_
     assert all(step in got for step in range(stopped_at, 12))
     assert {s: got[s] for s in got} == {s: expected[s] for s in got}
     assert_same_weights(tmp_path / "full" / "checkpoints" / "last.ckpt", last)
+    # The resumed run replaced the SIGTERM file rather than writing a last-v1.ckpt beside it.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
 @pytest.mark.slow

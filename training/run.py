@@ -120,6 +120,7 @@ def train(cfg: DictConfig) -> RunResult:
     # writing again would only repeat the whole state (tens of GB for a 7B model).
     # The callback's own record, the same on every rank, so that all ranks take part in the save or none.
     saved_last_step = any(callback.save_last and callback._last_global_step_saved == trainer.global_step
+                          and Path(callback.last_model_path) == checkpoints / "last.ckpt"
                           for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint))
     if not saved_last_step:
         trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # with optimizer state: resumable
@@ -212,7 +213,10 @@ def _trainer(
     # callback also wrote a top-k file there, so a save_top_k=0 callback must be given the steps.
     # Writes are atomic, so a crash mid-write keeps the previous one.
     every = levers["checkpoint_every_n_steps"] or val_every
-    last = ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=every)
+    # No version counter: a last.ckpt already there (a SIGTERM save, the run being resumed) is replaced,
+    # not kept beside a new last-v1.ckpt.
+    last = ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=every,
+                           enable_version_counter=False)
     peak = levers["peak_tflops"] * 1e12 if levers["peak_tflops"] else None
     if peak is None and trainer_cfg["accelerator"] in ("gpu", "cuda") and torch.cuda.is_available():
         peak = measured_matmul_peak(torch.device("cuda"))
