@@ -115,10 +115,10 @@ def train(cfg: DictConfig) -> RunResult:
         raise NonFiniteLossError(error.value, error.step, last if last.exists() else None) from None
     elapsed = time.perf_counter() - started
 
-    # ModelCheckpoint saves "last" every N steps; a run that stops at max_steps between two of those
-    # would otherwise leave a "last" that is not the last step. When it did save at the last step,
-    # writing again would only repeat the whole state (tens of GB for a 7B model).
-    # The callback's own record, the same on every rank, so that all ranks take part in the save or none.
+    # ModelCheckpoint saves "last" every N steps (and at the end of fit only if it never did); a run that
+    # stops at max_steps between two saves would otherwise leave a "last" that is not the last step. When
+    # the callback wrote last.ckpt at the last step, writing again would only repeat the whole state (tens
+    # of GB for a 7B model). Its record is the same on every rank, so all ranks save together or none does.
     saved_last_step = any(callback.save_last and callback._last_global_step_saved == trainer.global_step
                           and Path(callback.last_model_path) == checkpoints / "last.ckpt"
                           for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint))
