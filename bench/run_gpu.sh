@@ -13,8 +13,9 @@
 # The whole script keeps within RUN_GPU_BUDGET_S (default 575 s, under the device tool's 600 s limit):
 # each step has a cap (tests 75 s, bench 250 s, fsdp 150 s, compile the rest) and never eats the time
 # kept back for the steps after it (CAP and FLOOR below). The tables are rewritten under $OUT after every
-# row, so a step cut short still leaves what it measured. Files back in $OUT: test_gpu.log, bench.{log,md,json}, fsdp.log, fsdp_gpu_mem.csv,
-# compile.{log,md,json}, and cut.log / STEP.skipped when a step was cut or not started.
+# row, so a step cut short still leaves what it measured. Files back in $OUT: test_gpu.log,
+# bench.{log,md,json}, fsdp.log, fsdp_gpu_mem.csv, compile.{log,md,json}, and cut.log / STEP.skipped
+# when a step was cut or not started.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-${TMPDIR:-/tmp}/bench-out}
@@ -51,7 +52,7 @@ allowance() {
 }
 
 # FSDP2 through Lightning on one GPU with the 1.1B shape: 4 steps at its 2048-token window and a sharded
-# checkpoint (~13 GB with AdamW's state), then a resume from it to step 6 and a second one. Validation is
+# checkpoint (~13 GB with AdamW's state), then a resume from it to step 6 and a second checkpoint. Validation is
 # off: at the last step it would add a "best" and a second "last" write (validation under FSDP runs in
 # tests/test_distributed.py on CPU).
 fsdp_smoke() {
