@@ -128,7 +128,54 @@ def test_the_last_step_is_written_once(cache_dir, tmp_path, monkeypatch, max_ste
                          "trainer.checkpoint_every_n_steps=0", "register_base=false"))
     assert saved.count(("last.ckpt", 2)) == 1  # the first validation step's
     assert saved.count(("last.ckpt", max_steps)) == 1
-    assert torch.load(result.last_checkpoint, weights_only=True)["global_step"] == max_steps
+    last = torch.load(result.last_checkpoint, weights_only=True)
+    assert last["global_step"] == max_steps
+    # Written after the last validation: the best-model record it carries is the final one.
+    best_record = next(v for k, v in last["callbacks"].items() if "'monitor': 'val/loss'" in k)
+    assert Path(best_record["best_model_path"]) == result.best_checkpoint
+    assert float(best_record["best_model_score"]) == pytest.approx(min(
+        float(row["val/loss"]) for row in csv.DictReader((tmp_path / "logs" / "metrics.csv").open()) if row.get("val/loss")))
+
+
+def test_validation_and_its_checkpoint_come_every_n_optimizer_steps_with_gradient_accumulation(cache_dir, tmp_path,
+                                                                                              monkeypatch):
+    """val_check_interval counts optimizer steps (Lightning counts batches): 2 micro-batches per step here."""
+    events: list[tuple[str, int]] = []
+
+    class Record(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            events.append(("validation", trainer.global_step))
+
+    original = L.Trainer.save_checkpoint
+
+    def save_checkpoint(self, filepath, *args, **kwargs):
+        events.append((Path(filepath).name, self.global_step))
+        return original(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", save_checkpoint)
+    _with_callback(monkeypatch, Record())
+    train(smoke(cache_dir, tmp_path, "stage=pretrain", "optim.pretrain.max_steps=4", "trainer.accumulate_grad_batches=2",
+                "trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=0", "register_base=false"))
+    assert [step for name, step in events if name == "validation"] == [2, 4]
+    assert [step for name, step in events if name == "last.ckpt"] == [2, 4]
+    assert events.index(("validation", 4)) < events.index(("last.ckpt", 4))  # the final one after the final validation
+
+
+def test_resuming_a_finished_run_rewrites_its_checkpoint_with_the_same_rng_states(cache_dir, tmp_path):
+    """Nothing left to train: the restored RNG states are never applied, and must not be replaced on saving."""
+    overrides = ["stage=pretrain", "optim.pretrain.max_steps=3", "register_base=false"]
+    train(smoke(cache_dir, tmp_path, *overrides))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+
+    def rng(path: Path) -> dict:
+        saved = torch.load(path, weights_only=True)
+        return next(v for k, v in saved["callbacks"].items() if k.startswith("FaultTolerance"))["rng"]
+
+    before = rng(last)
+    torch.manual_seed(999)  # this process's state now differs from the run's
+    train(smoke(cache_dir, tmp_path, *overrides, f"resume={last}"))
+    after = rng(last)
+    assert torch.equal(after["torch"], before["torch"]) and after["python"] == before["python"]
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

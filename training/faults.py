@@ -70,7 +70,9 @@ class FaultTolerance(L.Callback):
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": rng_states()}
+        # Restored states not applied yet (a resume with nothing left to train never reaches
+        # on_train_start) are still the run's own: save those, not this process's fresh ones.
+        return {"rng": self._pending if self._pending is not None else rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied at on_train_start: restoring earlier would be undone by whatever setup draws.
@@ -82,11 +84,11 @@ class FaultTolerance(L.Callback):
             self._pending = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        # Loggers label rows with the loop's count of stepped batches. Restarting from a checkpoint written
-        # after a step that validated (e.g. the end-of-run last.ckpt when max_steps is a multiple of
+        # Loggers label rows with the loop's count of stepped batches. Restarting from a checkpoint of a
+        # step that validated (e.g. the end-of-run last.ckpt when max_steps is a multiple of
         # val_check_interval), Lightning 2.6 skips the repeated validation but counts that step once more,
-        # so every later row would be logged one step late. One optimizer step per batch here: the count
-        # is the global step.
+        # so every later row would be logged one step late. That count moves once per optimizer step,
+        # as the global step does.
         loop = trainer.fit_loop.epoch_loop
         if loop._batches_that_stepped != trainer.global_step:
             loop._batches_that_stepped = trainer.global_step

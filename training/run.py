@@ -115,15 +115,10 @@ def train(cfg: DictConfig) -> RunResult:
         raise NonFiniteLossError(error.value, error.step, last if last.exists() else None) from None
     elapsed = time.perf_counter() - started
 
-    # ModelCheckpoint saves "last" every N steps (and at the end of fit only if it never did); a run that
-    # stops at max_steps between two saves would otherwise leave a "last" that is not the last step. When
-    # the callback wrote last.ckpt at the last step, writing again would only repeat the whole state (tens
-    # of GB for a 7B model). Its record is the same on every rank, so all ranks save together or none does.
-    saved_last_step = any(callback.save_last and callback._last_global_step_saved == trainer.global_step
-                          and Path(callback.last_model_path) == checkpoints / "last.ckpt"
-                          for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint))
-    if not saved_last_step:
-        trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # with optimizer state: resumable
+    # The run's final last.ckpt: written here, once, after the last validation (PeriodicLastCheckpoint
+    # leaves the last step to this write), so a run that stops between two periodic saves still ends
+    # with its last step, and the best-model record inside it is current.
+    trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # with optimizer state: resumable
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = RunResult(stage, run_dir, checkpoints / "last.ckpt", Path(best) if best else None, metrics)
@@ -194,6 +189,24 @@ def _load_weights(task: CausalLMTask, pretrained: Pretrained) -> None:
         raise ConfigError(str(error)) from None
 
 
+class PeriodicLastCheckpoint(ModelCheckpoint):
+    """last.ckpt every N optimizer steps, except at max_steps, which `train` writes itself after fit.
+
+    At a validation step this callback saves before the validation runs, so a last.ckpt from it at
+    max_steps would hold the best-model record from before the final validation, and the write
+    after fit would repeat the whole state (tens of GB for a 7B model). No version counter: a
+    last.ckpt already there (a SIGTERM save, the run being resumed) is replaced, not kept beside a
+    new last-v1.ckpt.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step < trainer.max_steps:
+            super().on_train_batch_end(trainer, *args, **kwargs)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # Lightning's "save last if it never saved": train() writes the final one after fit
+
+
 def _trainer(
     trainer_cfg: dict[str, Any],
     levers: dict[str, Any],
@@ -207,16 +220,14 @@ def _trainer(
     checkpoints = run_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                            auto_insert_metric_name=False)
-    val_every = min(int(trainer_cfg.pop("val_check_interval")), max_steps)
+    val_every = min(int(trainer_cfg.pop("val_check_interval")), max_steps)  # in optimizer steps
     # last.ckpt every N steps (after the optimizer step, so a resume repeats nothing), or at each
     # validation step when N is 0: Lightning 2.6 writes "last" at a validation only when the same
     # callback also wrote a top-k file there, so a save_top_k=0 callback must be given the steps.
     # Writes are atomic, so a crash mid-write keeps the previous one.
     every = levers["checkpoint_every_n_steps"] or val_every
-    # No version counter: a last.ckpt already there (a SIGTERM save, the run being resumed) is replaced,
-    # not kept beside a new last-v1.ckpt.
-    last = ModelCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=every,
-                           enable_version_counter=False)
+    last = PeriodicLastCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=every,
+                                  enable_version_counter=False)
     peak = levers["peak_tflops"] * 1e12 if levers["peak_tflops"] else None
     if peak is None and trainer_cfg["accelerator"] in ("gpu", "cuda") and torch.cuda.is_available():
         peak = measured_matmul_peak(torch.device("cuda"))
@@ -247,7 +258,8 @@ def _trainer(
         **trainer_cfg,
         strategy=strategy,
         max_steps=max_steps,
-        val_check_interval=val_every,
+        # Lightning counts this in batches; with gradient accumulation a step is several of them.
+        val_check_interval=val_every * int(trainer_cfg.get("accumulate_grad_batches", 1)),
         check_val_every_n_epoch=None,  # validate by steps, across epoch boundaries
         callbacks=callbacks,
         logger=loggers,
