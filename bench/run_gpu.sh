@@ -38,6 +38,10 @@ fi
 # slow step cannot starve the ones after it. Defaults fit 575 s: tests 75, bench 250, fsdp 150, compile the rest.
 declare -A CAP=([tests]=75 [bench]=250 [fsdp]=150 [compile]=0)
 declare -A FLOOR=([tests]=30 [bench]=120 [fsdp]=90 [compile]=60)
+# A session with less device time left can move the caps, e.g. RUN_GPU_CAPS="bench=320 fsdp=150".
+for pair in ${RUN_GPU_CAPS:-}; do CAP[${pair%%=*}]=${pair#*=}; done
+# Extra arguments for the main benchmark, e.g. RUN_GPU_BENCH_ARGS="--windows 131072".
+read -r -a bench_args <<< "${RUN_GPU_BENCH_ARGS:-}"
 
 # Seconds step $1 may run when steps $2.. are still to come (0: not worth starting).
 allowance() {
@@ -106,7 +110,8 @@ for i in "${!planned[@]}"; do
       } 2>&1 | tee "$OUT/test_gpu.log"
       rc=${PIPESTATUS[0]} ;;
     bench)
-      timeout -k 5 "$cap" python3 bench/gpu_train_throughput.py --budget-s "$(row_budget "$cap" 70)" --md bench.md 2>&1 \
+      timeout -k 5 "$cap" python3 bench/gpu_train_throughput.py --budget-s "$(row_budget "$cap" 70)" --md bench.md \
+        ${bench_args[@]+"${bench_args[@]}"} 2>&1 \
         | tee "$OUT/bench.log"
       rc=${PIPESTATUS[0]} ;;
     fsdp)

@@ -114,6 +114,35 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(cache_d
     assert torch.load(resumed.last_checkpoint, weights_only=True)["global_step"] == 5
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradients_are_clipped_under_bf16_mixed_with_the_fused_adamw_as_on_gpu(cache_dir, tmp_path, monkeypatch, fused):
+    """trainer=gpu (bf16-mixed, activation checkpointing, clipping) with the fused AdamW, run on CPU.
+    Lightning's mixed-precision plugin refuses to clip for a fused optimizer; the task clips itself
+    when no GradScaler is in use."""
+    clip = 1e-3  # far below the tiny model's gradient norm, so every step is clipped
+    seen = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def clip_and_record(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = original(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        seen.append((float(before), float(after), len(params)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_record)
+    cfg = smoke(cache_dir, tmp_path, "stage=pretrain", "optim.pretrain.max_steps=2", "register_base=false",
+                "trainer=gpu", "trainer.accelerator=cpu", f"optim.fused={str(fused).lower()}",
+                f"trainer.gradient_clip_val={clip}")
+    result = train(cfg)
+    assert result.metrics["train/loss"] > 0
+    n_params = len(load_pretrained(result.last_checkpoint).state_dict)
+    assert len(seen) == 2  # once per optimizer step
+    for before, after, count in seen:
+        assert count == n_params  # every parameter had a gradient and was clipped
+        assert before > 10 * clip and after == pytest.approx(clip, rel=1e-3)
+
+
 def test_warmup_follows_the_paper_then_stays_constant():
     lr = warmup_then("constant", warmup_steps=20, warmup_start_ratio=0.1, max_steps=1000)
     assert lr(0) == pytest.approx(0.1) and lr(10) == pytest.approx(0.55) and lr(20) == 1.0 and lr(999) == 1.0

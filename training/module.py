@@ -182,6 +182,30 @@ class CausalLMTask(L.LightningModule):
                 param.grad = None
             self._skip_this_step = False
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip here when no GradScaler is in use (bf16-mixed, 32-true).
+
+        Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales gradients
+        itself, the fused AdamW included, even under bf16 where there is nothing to unscale. With no
+        scaler the gradients are the true ones, so clipping them directly is what Lightning does for a
+        non-fused optimizer. fp16's GradScaler is left to Lightning: it must unscale before a clip.
+        """
+        if not gradient_clip_val:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if str(gradient_clip_algorithm or "norm").lower().endswith("value"):
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         nll, tokens = self._nll(batch)
         self.val_ppl.update(nll, tokens)
@@ -211,9 +235,12 @@ class CausalLMTask(L.LightningModule):
             if param.requires_grad:
                 # Norm gains and the learned position table are not weight-decayed.
                 (no_decay if param.ndim < 2 or name.startswith("position.") else decay).append(param)
+        fp16 = str(getattr(self.trainer, "precision", "")).startswith("16")
         fused = cfg.get("fused")
         if fused is None:
-            fused = self.device.type == "cuda"
+            # Not under fp16: Lightning unscales fp16 gradients for clipping only for optimizers that
+            # do not unscale themselves, and refuses to clip for the fused one.
+            fused = self.device.type == "cuda" and not fp16
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg["lr"],
@@ -223,7 +250,6 @@ class CausalLMTask(L.LightningModule):
         )
         # Not under FSDP2 (DTensor parameters are not mixed with a plain found_inf tensor here) nor
         # fp16's GradScaler (it sets found_inf itself, for its own overflow skipping).
-        fp16 = str(getattr(self.trainer, "precision", "")).startswith("16")
         self._skip_on_device = bool(fused) and not self._sharded and not fp16
         max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else cfg["max_steps"]
         multiplier = warmup_then(
