@@ -8,7 +8,8 @@
 #   mkdir -p .whl && cp ../shared/gpu-wheels/*.whl .whl/
 # Then the device tool (an H200: the 7B rows need about 115 GiB):
 #   run(command="bash bench/run_gpu.sh", carry=[".whl"], timeout_s=600, kind="nvidia-h200")
-# A rerun can pick steps, e.g. `bash bench/run_gpu.sh bench` (any of: tests bench fsdp compile).
+# A rerun can pick steps, e.g. `bash bench/run_gpu.sh bench` (any of: tests bench fsdp compile), move the
+# caps (RUN_GPU_CAPS="bench=320 fsdp=150") and pass the benchmark arguments (RUN_GPU_BENCH_ARGS="--windows 131072").
 #
 # The whole script keeps within RUN_GPU_BUDGET_S (default 575 s, under the device tool's 600 s limit):
 # each step has a cap (tests 75 s, bench 250 s, fsdp 150 s, compile the rest) and never eats the time

@@ -143,6 +143,41 @@ def test_gradients_are_clipped_under_bf16_mixed_with_the_fused_adamw_as_on_gpu(c
         assert before > 10 * clip and after == pytest.approx(clip, rel=1e-3)
 
 
+def test_gradients_are_freed_after_each_optimizer_step_and_kept_across_accumulated_micro_batches(
+        cache_dir, tmp_path, monkeypatch):
+    """Lightning zeroes gradients after the next forward; the task frees them right after the step,
+    so they never sit beside a forward's activations (the memory peak) - but not between the
+    micro-batches of one accumulated step."""
+    from training.module import CausalLMTask
+
+    held = []  # per micro-batch: did any parameter hold a gradient when its forward began?
+    original = CausalLMTask.training_step
+
+    def training_step(self, batch, batch_idx):
+        held.append(any(p.grad is not None for p in self.parameters()))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(CausalLMTask, "training_step", training_step)
+    cfg = smoke(cache_dir, tmp_path, "stage=pretrain", "optim.pretrain.max_steps=3", "register_base=false",
+                "trainer.accumulate_grad_batches=2")
+    train(cfg)
+    assert held == [False, True] * 3
+
+
+def test_compiled_blocks_train_validate_and_save_the_same_weights_names(cache_dir, tmp_path):
+    """trainer.compile=true (torch.compile per block, the GPU speed lever) through train(): the losses
+    match the eager run's, and the checkpoint loads strictly into an uncompiled model."""
+    common = ("stage=pretrain", "optim.pretrain.max_steps=2", "register_base=false", "trainer.val_check_interval=2",
+              "trainer.activation_checkpointing=full")
+    eager = train(smoke(cache_dir, tmp_path / "eager", *common))
+    compiled = train(smoke(cache_dir, tmp_path / "compiled", *common, "trainer.compile=true"))
+    for key in ("train/loss", "val/loss"):
+        assert compiled.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-3), key
+    loaded = load_pretrained(compiled.last_checkpoint)
+    assert loaded.state_dict.keys() == load_pretrained(eager.last_checkpoint).state_dict.keys()
+    assert not any("_orig_mod" in name for name in loaded.state_dict)
+
+
 def test_warmup_follows_the_paper_then_stays_constant():
     lr = warmup_then("constant", warmup_steps=20, warmup_start_ratio=0.1, max_steps=1000)
     assert lr(0) == pytest.approx(0.1) and lr(10) == pytest.approx(0.55) and lr(20) == 1.0 and lr(999) == 1.0
