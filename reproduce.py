@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], base_pas
     device = device_description(str(cfg.budget.trainer))
     today = datetime.date.today().isoformat()
     budget = OmegaConf.to_container(cfg.budget, resolve=True)
-    command = "python reproduce.py" + ("" if budget["name"] == "cpu" else f" budget={budget['name']}")
+    command = _command(budget)
 
     with atomic_directory(Path(str(cfg.report_dir)), force=True) as out:
         eval_dir = run.work / "eval"
@@ -142,7 +143,7 @@ Seed {cfg.seed}. Base window L = {L}, extended window L' = {long_window} (scale 
 
 ## Setup
 
-- Model: `model={budget['model']}` ({_shape(run)}), trained with `trainer={budget['trainer']}` on the bundled Shakespeare corpus
+- Model: `model={budget['model']}` ({_shape(run)}), trained with `trainer={budget['trainer']}`{_extra_overrides(budget)} on the bundled Shakespeare corpus
   (36 train / 3 validation / 3 test plays, split by play).
 - Passkey mix: {_share_text(cfg, L)}
 - Fine-tuning recipe (all extensions): AdamW betas 0.9/0.95, weight decay 0, 20 warmup steps from 10% of
@@ -223,6 +224,23 @@ def _relative(value: Any) -> Any:
 
 def _val_ppl(summary: dict[str, Any]) -> float | None:
     return summary.get("metrics", {}).get("val/ppl")
+
+
+def _command(budget: dict[str, Any]) -> str:
+    """The command line of this run: its Hydra overrides, or the budget alone outside hydra.main."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        # Paths only say where the files went; everything else changes what was measured.
+        task = HydraConfig.get().overrides.task
+        kept = [o for o in task if not o.split("=", 1)[0].endswith(("work_dir", "report_dir"))]
+        return " ".join(["python reproduce.py", *map(shlex.quote, kept)])
+    return "python reproduce.py" + ("" if budget["name"] == "cpu" else f" budget={budget['name']}")
+
+
+def _extra_overrides(budget: dict[str, Any]) -> str:
+    extra = list(budget.get("trainer_overrides") or [])
+    return f" and `{' '.join(map(str, extra))}`" if extra else ""
 
 
 def _shape(run: Any) -> str:

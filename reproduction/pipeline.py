@@ -76,7 +76,7 @@ class Reproduction:
         b = self.budget
         overrides = [f"model={b.model}", f"trainer={b.trainer}", f"seed={self.cfg.seed}",
                      f"data.passkey_share={b.passkey_share}", "register_base=false",
-                     "trainer.enable_progress_bar=false"]
+                     "trainer.enable_progress_bar=false", *map(str, b.get("trainer_overrides") or [])]
         if b.get("window"):
             overrides.append(f"model.max_seq_len={self.window}")
         return overrides

@@ -93,8 +93,8 @@ def test_the_device_scripts_fsdp_step_trains_saves_sharded_and_resumes_on_cpu(tm
     stub.write_text("#!/bin/sh\necho 1234\n")
     stub.chmod(0o755)
     # bf16-mixed and the fused AdamW, as on the GPU (the combination the 1.1B smoke first failed on).
-    shrink = ("trainer.accelerator=cpu trainer.precision=bf16-mixed optim.fused=true model.n_layers=2 model.dim=128 model.n_heads=4 "
-              "model.n_kv_heads=2 model.ffn_dim=256 model.max_seq_len=128")
+    shrink = ("trainer.accelerator=cpu trainer.precision=bf16-mixed optim.fused=true model.n_layers=2 model.dim=128 "
+              "model.n_heads=4 model.n_kv_heads=2 model.ffn_dim=256 model.max_seq_len=128")
     env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
            "TMPDIR": str(tmp_path), "FSDP_SMOKE_OVERRIDES": shrink, "PI_LLAMA_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(["bash", "bench/run_gpu.sh", "fsdp"], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -162,3 +162,25 @@ def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
     # A second run reuses every finished stage instead of training again.
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and (again.stdout + again.stderr).count("reusing the finished run") == 9, again.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu(tmp_path: Path) -> None:
+    """budget=gpu's trainer group (bf16-mixed, activation checkpointing, chunked loss) with the fused AdamW
+    and bf16 evaluation, on the mini budget's sizes and the CPU: the lent GPU's one reproduction call
+    should not be the first run of that path."""
+    report = tmp_path / "report"
+    command = [sys.executable, "reproduce.py", "budget=mini", "budget.trainer=gpu", "budget.dtype=bfloat16",
+               "budget.long_passkey_ablation=false",
+               'budget.trainer_overrides=["trainer.accelerator=cpu","optim.fused=true"]',
+               f"work_dir={tmp_path / 'work'}", f"report_dir={report}"]
+    env = {**os.environ, "PI_LLAMA_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((report / "results.json").read_text())
+    pi_command = results["stages"]["pi"]["command"]
+    assert "trainer=gpu" in pi_command and "optim.fused=true" in pi_command
+    assert len(results["claims"]) == 5
+    text = (report / "README.md").read_text()
+    # The report's command line can be pasted into a shell: the override with a list is quoted.
+    assert "'budget.trainer_overrides=[\"trainer.accelerator=cpu\",\"optim.fused=true\"]'" in text

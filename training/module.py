@@ -10,6 +10,8 @@ from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -192,8 +194,10 @@ class CausalLMTask(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Lightning zeroes gradients inside the next step's closure, after its forward pass, so the
         # last step's gradients (4 bytes a parameter) would sit beside the next forward's activations
-        # at the memory peak. They are spent once the optimizer has stepped: free them now.
-        optimizer.zero_grad(set_to_none=True)
+        # at the memory peak. They are spent once the optimizer has stepped: free them now. Not where
+        # the strategy accumulates itself (DeepSpeed): it calls this hook on every micro-batch.
+        if not self.trainer.strategy.handles_gradient_accumulation:
+            optimizer.zero_grad(set_to_none=True)
 
     def configure_gradient_clipping(
         self,
@@ -201,23 +205,19 @@ class CausalLMTask(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip here when no GradScaler is in use (bf16-mixed, 32-true).
+        """Under bf16-mixed, clip with Lightning's own code but without its fused-optimizer check.
 
         Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales gradients
-        itself, the fused AdamW included, even under bf16 where there is nothing to unscale. With no
-        scaler the gradients are the true ones, so clipping them directly is what Lightning does for a
-        non-fused optimizer. fp16's GradScaler is left to Lightning: it must unscale before a clip.
+        itself, the fused AdamW included, even under bf16 where no GradScaler exists and the
+        gradients are already the true ones. Every other case (fp16's GradScaler, FSDP1, DeepSpeed,
+        32-true) goes through Lightning unchanged.
         """
-        if not gradient_clip_val:
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
             return
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-            return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if str(gradient_clip_algorithm or "norm").lower().endswith("value"):
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         nll, tokens = self._nll(batch)
@@ -248,12 +248,13 @@ class CausalLMTask(L.LightningModule):
             if param.requires_grad:
                 # Norm gains and the learned position table are not weight-decayed.
                 (no_decay if param.ndim < 2 or name.startswith("position.") else decay).append(param)
-        fp16 = str(getattr(self.trainer, "precision", "")).startswith("16")
+        # fp16-mixed (getattr: the benchmark's bare loop hands in a stand-in trainer without plugins)
+        grad_scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None) is not None
         fused = cfg.get("fused")
         if fused is None:
-            # Not under fp16: Lightning unscales fp16 gradients for clipping only for optimizers that
-            # do not unscale themselves, and refuses to clip for the fused one.
-            fused = self.device.type == "cuda" and not fp16
+            # Not with a GradScaler: Lightning unscales gradients for clipping only for optimizers
+            # that do not unscale themselves, and refuses to clip for the fused one.
+            fused = self.device.type == "cuda" and not grad_scaler
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg["lr"],
@@ -262,8 +263,8 @@ class CausalLMTask(L.LightningModule):
             fused=fused,
         )
         # Not under FSDP2 (DTensor parameters are not mixed with a plain found_inf tensor here) nor
-        # fp16's GradScaler (it sets found_inf itself, for its own overflow skipping).
-        self._skip_on_device = bool(fused) and not self._sharded and not fp16
+        # a GradScaler (it sets found_inf itself, for its own overflow skipping).
+        self._skip_on_device = bool(fused) and not self._sharded and not grad_scaler
         max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else cfg["max_steps"]
         multiplier = warmup_then(
             cfg["schedule"], cfg["warmup_steps"], cfg["warmup_start_ratio"], max_steps, cfg.get("min_lr_ratio", 0.0)
