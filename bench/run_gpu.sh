@@ -8,8 +8,13 @@
 #   mkdir -p .whl && cp ../shared/gpu-wheels/*.whl .whl/
 # Then the device tool (an H200: the 7B rows need about 115 GiB):
 #   run(command="bash bench/run_gpu.sh", carry=[".whl"], timeout_s=600, kind="nvidia-h200")
-# A rerun can pick steps, e.g. `bash bench/run_gpu.sh bench` (any of: tests bench fsdp compile), move the
-# caps (RUN_GPU_CAPS="bench=320 fsdp=150") and pass the benchmark arguments (RUN_GPU_BENCH_ARGS="--windows 131072").
+# A rerun can pick steps, e.g. `bash bench/run_gpu.sh bench` (any of: tests bench fsdp compile reproduce),
+# move the caps (RUN_GPU_CAPS="bench=320 fsdp=150") and pass the benchmark arguments
+# (RUN_GPU_BENCH_ARGS="--windows 131072").
+#
+# Issue 7 needs a call of its own (not in the default steps): `bash bench/run_gpu.sh reproduce` runs
+# `python reproduce.py budget=gpu` (RUN_GPU_REPRODUCE_ARGS replaces `budget=gpu`) and brings the report back
+# in $OUT/reproduction-gpu (copy it to results/reproduction-gpu); its checkpoints stay on the machine.
 #
 # The whole script keeps within RUN_GPU_BUDGET_S (default 575 s, under the device tool's 600 s limit):
 # each step has a cap (tests 75 s, bench 250 s, fsdp 150 s, compile the rest) and never eats the time
@@ -37,12 +42,13 @@ fi
 
 # Each step's cap (0: whatever is left) and the time kept back for it while earlier steps run, so that a
 # slow step cannot starve the ones after it. Defaults fit 575 s: tests 75, bench 250, fsdp 150, compile the rest.
-declare -A CAP=([tests]=75 [bench]=250 [fsdp]=150 [compile]=0)
-declare -A FLOOR=([tests]=30 [bench]=120 [fsdp]=90 [compile]=60)
+declare -A CAP=([tests]=75 [bench]=250 [fsdp]=150 [compile]=0 [reproduce]=0)
+declare -A FLOOR=([tests]=30 [bench]=120 [fsdp]=90 [compile]=60 [reproduce]=300)
 # A session with less device time left can move the caps, e.g. RUN_GPU_CAPS="bench=320 fsdp=150".
 for pair in ${RUN_GPU_CAPS:-}; do CAP[${pair%%=*}]=${pair#*=}; done
 # Extra arguments for the main benchmark, e.g. RUN_GPU_BENCH_ARGS="--windows 131072".
 read -r -a bench_args <<< "${RUN_GPU_BENCH_ARGS:-}"
+read -r -a reproduce_args <<< "${RUN_GPU_REPRODUCE_ARGS:-budget=gpu}"
 
 # Seconds step $1 may run when steps $2.. are still to come (0: not worth starting).
 allowance() {
@@ -94,7 +100,7 @@ read -r -a planned <<< "$steps"
 for i in "${!planned[@]}"; do
   step=${planned[$i]}
   if [[ -z ${CAP[$step]+set} ]]; then
-    echo "run_gpu.sh: unknown step '$step' (tests, bench, fsdp, compile)"; status=2; continue
+    echo "run_gpu.sh: unknown step '$step' (tests, bench, fsdp, compile, reproduce)"; status=2; continue
   fi
   cap=$(allowance "$step" "${planned[@]:i+1}")
   if ((cap == 0)); then
@@ -124,6 +130,12 @@ for i in "${!planned[@]}"; do
       timeout -k 5 "$cap" python3 bench/gpu_train_throughput.py --suite compile --budget-s "$(row_budget "$cap" 40)" \
         --md compile.md 2>&1 | tee "$OUT/compile.log"
       rc=${PIPESTATUS[0]} ;;
+    reproduce)
+      # The report is written only once every stage is done; the work folder (checkpoints) stays here.
+      timeout -k 5 "$cap" python3 reproduce.py "${reproduce_args[@]}" "work_dir=${TMPDIR:-/tmp}/reproduce-work" \
+        "report_dir=$OUT/reproduction-gpu" > "$OUT/reproduce.log" 2>&1
+      rc=$?
+      grep -E "\[reproduce\]|stage|report written|Error|error" "$OUT/reproduce.log" | tail -n 40 ;;
   esac
   if ((rc == 124 || rc == 137)); then
     echo "run_gpu.sh: step '$step' was cut at its ${cap}s limit" | tee -a "$OUT/cut.log"
@@ -136,6 +148,7 @@ echo; echo "=================== summary"
 grep -E "passed|failed|error|skipped|PASSED|FAILED|ERROR" "$OUT/test_gpu.log" 2>/dev/null | tail -n 12
 grep -E "^fsdp:|done in|Error|error:" "$OUT/fsdp.log" 2>/dev/null | grep -v "metrics.csv" | tail -n 6
 cat "$OUT/cut.log" "$OUT"/*.skipped 2>/dev/null
+[ -f "$OUT/reproduction-gpu/README.md" ] && { echo; head -n 40 "$OUT/reproduction-gpu/README.md"; }
 for table in bench.md compile.md; do
   [ -f "$OUT/$table" ] && { echo; cat "$OUT/$table"; }
 done

@@ -165,18 +165,19 @@ def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu(tmp_path: Path) -> None:
-    """budget=gpu's trainer group (bf16-mixed, activation checkpointing, chunked loss) with the fused AdamW
-    and bf16 evaluation, on the mini budget's sizes and the CPU: the lent GPU's one reproduction call
-    should not be the first run of that path."""
-    report = tmp_path / "report"
-    command = [sys.executable, "reproduce.py", "budget=mini", "budget.trainer=gpu", "budget.dtype=bfloat16",
-               "budget.long_passkey_ablation=false",
-               'budget.trainer_overrides=["trainer.accelerator=cpu","optim.fused=true"]',
-               f"work_dir={tmp_path / 'work'}", f"report_dir={report}"]
-    env = {**os.environ, "PI_LLAMA_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_device_script(tmp_path: Path) -> None:
+    """`bash bench/run_gpu.sh reproduce` (the lent GPU's call for this issue) with budget=gpu's trainer group
+    (bf16-mixed, activation checkpointing, chunked loss), the fused AdamW and bf16 evaluation, on the mini
+    budget's sizes and the CPU: the GPU's one reproduction call should not be the first run of that path."""
+    args = ('budget=mini budget.trainer=gpu budget.dtype=bfloat16 budget.long_passkey_ablation=false '
+            'budget.trainer_overrides=["trainer.accelerator=cpu","optim.fused=true"]')
+    out = tmp_path / "out"
+    env = {**os.environ, "PI_LLAMA_CACHE": str(tmp_path / "cache"), "OUT": str(out), "TMPDIR": str(tmp_path),
+           "RUN_GPU_REPRODUCE_ARGS": args}
+    done = subprocess.run(["bash", "bench/run_gpu.sh", "reproduce"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + (out / "reproduce.log").read_text()[-3000:]
+    report = out / "reproduction-gpu"
     results = json.loads((report / "results.json").read_text())
     pi_command = results["stages"]["pi"]["command"]
     assert "trainer=gpu" in pi_command and "optim.fused=true" in pi_command
@@ -184,3 +185,5 @@ def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu(tmp_path: Path
     text = (report / "README.md").read_text()
     # The report's command line can be pasted into a shell: the override with a list is quoted.
     assert "'budget.trainer_overrides=[\"trainer.accelerator=cpu\",\"optim.fused=true\"]'" in text
+    # Only the report comes back from the device: the checkpoints stay in its work folder.
+    assert not list(out.rglob("*.ckpt")) and (tmp_path / "reproduce-work" / "runs" / "pi" / "checkpoints" / "last.ckpt").exists()
