@@ -147,15 +147,17 @@ def cast_state_dict(state: dict[str, Tensor], dtype: str | torch.dtype | None) -
 def load_into(model: Llama, state: Mapping[str, Tensor], strict: bool = True) -> None:
     """Copy `state` into `model` (which may live on the meta device), checking every shape first.
 
-    A learned absolute table of another length is resampled by interpolation; a table the
-    model does not have (or one the checkpoint lacks) is reported by name.
+    A learned absolute table of another length is resized the way the model's table says
+    (interpolated, or given untrained rows); a table the model does not have (or one the
+    checkpoint lacks) is reported by name.
     """
     own = model.state_dict()
     state = dict(state)
     if "position.table" in state and "position.table" in own and state["position.table"].shape != own["position.table"].shape:
-        from .position import interpolate_table
+        from .position import resize_table
 
-        state["position.table"] = interpolate_table(state["position.table"], own["position.table"].shape[0])
+        extend = getattr(model.position, "extend", "interpolate")
+        state["position.table"] = resize_table(state["position.table"], own["position.table"].shape[0], extend)
     for name, tensor in state.items():
         if name in own and tuple(tensor.shape) != tuple(own[name].shape):
             raise CheckpointError(

@@ -76,15 +76,24 @@ class PositionEncoding(nn.Module):
 # ----------------------------------------------------------------------------- absolute
 
 
+EXTEND_MODES = ("interpolate", "append")
+TABLE_INIT_STD = 0.02
+
+
 class LearnedAbsolute(PositionEncoding):
-    """A learned table of positions (GPT-2 / ViT), extended to a longer window by interpolation."""
+    """A learned table of positions (GPT-2 / ViT), extended to a longer window by interpolation
+    (`extend="interpolate"`, the analogue of PI) or by untrained rows after the trained ones
+    (`extend="append"`, the analogue of extrapolation: positions beyond L were never seen)."""
 
     kind = "absolute"
 
-    def __init__(self, dim: int, length: int, scale: float = 1.0) -> None:
+    def __init__(self, dim: int, length: int, scale: float = 1.0, extend: str = "interpolate") -> None:
         super().__init__(scale)
+        if extend not in EXTEND_MODES:
+            raise PositionError(f"position.extend={extend!r} is not one of {', '.join(EXTEND_MODES)}.")
+        self.extend = extend
         self.table = nn.Parameter(torch.empty(length, dim))
-        nn.init.normal_(self.table, std=0.02)
+        nn.init.normal_(self.table, std=TABLE_INIT_STD)
 
     @property
     def length(self) -> int:
@@ -102,8 +111,32 @@ class LearnedAbsolute(PositionEncoding):
 
     @torch.no_grad()
     def extend_to(self, length: int) -> None:
-        """Resample the table to `length` rows by linear interpolation (the ViT/DeiT trick in 1-D)."""
-        self.table = nn.Parameter(interpolate_table(self.table.data, length))
+        """Give the table `length` rows, the way `extend` says."""
+        self.table = nn.Parameter(resize_table(self.table.data, length, self.extend))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, extend={self.extend}"
+
+
+def resize_table(table: Tensor, length: int, extend: str = "interpolate") -> Tensor:
+    """A trained (n, dim) table made `length` rows long: resampled, or cut / given untrained rows."""
+    if extend == "interpolate":
+        return interpolate_table(table, length)
+    if extend == "append":
+        return append_rows(table, length)
+    raise PositionError(f"position.extend={extend!r} is not one of {', '.join(EXTEND_MODES)}.")
+
+
+def append_rows(table: Tensor, length: int) -> Tensor:
+    """Keep the first rows as trained and add untrained ones, drawn as a fresh table's are.
+
+    Positions past the trained window then read vectors the model has never seen, as RoPE
+    extrapolation reads angles it has never seen; a shorter `length` keeps the first rows.
+    """
+    if length <= table.shape[0]:
+        return table[:length].clone()
+    fresh = torch.randn(length - table.shape[0], table.shape[1], device=table.device) * TABLE_INIT_STD
+    return torch.cat([table, fresh.to(table.dtype)])
 
 
 def interpolate_table(table: Tensor, length: int) -> Tensor:
@@ -343,15 +376,19 @@ def build_position_encoding(
     scale: float = 1.0,
     theta: float | None = None,
     original_window: int | None = None,
+    extend: str | None = None,
     **params: Any,
 ) -> PositionEncoding:
     """Build the scheme named `kind` for a model of width `dim` whose base window is `window` tokens.
 
     `theta` and `original_window` default to the model's own rope_theta and window; `params`
-    are the scheme's extra settings (YaRN's betas, LLaMA 3.1's frequency factors).
+    are the scheme's extra settings (YaRN's betas, LLaMA 3.1's frequency factors); `extend` is the
+    learned absolute table's way to a longer window (interpolate or append).
     """
     if kind not in KINDS:
         raise PositionError(f"unknown position encoding {kind!r}; choose one of {', '.join(KINDS)}.")
+    if extend is not None and kind != "absolute":
+        raise PositionError(f"position.extend applies to the learned absolute table only, not to {kind!r}.")
     for name, value in params.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PositionError(f"position.{name}={value!r} must be a number.")
@@ -372,7 +409,7 @@ def build_position_encoding(
         raise PositionError(f"position {kind!r} takes no settings besides scale, got {sorted(params) or ['theta']}.")
     if kind == "absolute":
         PositionEncoding(scale)  # validates the scale
-        return LearnedAbsolute(dim, length=max(2, round(window * scale)), scale=scale)
+        return LearnedAbsolute(dim, length=max(2, round(window * scale)), scale=scale, extend=extend or "interpolate")
     if kind == "sinusoidal":
         return Sinusoidal(dim, scale=scale)
     return PositionEncoding(scale)

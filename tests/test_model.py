@@ -12,9 +12,11 @@ from model.position import (
     LearnedAbsolute,
     PositionInterpolation,
     RoPE,
+    append_rows,
     apply_rotation,
     interpolate_table,
 )
+from model.checkpoints import load_into
 
 pytest.importorskip("transformers")
 
@@ -179,6 +181,37 @@ def test_absolute_table_extension_keeps_end_points_and_coinciding_rows():
     torch.testing.assert_close(new[-1], old[-1])
     torch.testing.assert_close(new[::2], old)
     torch.testing.assert_close(new[1], (old[0] + old[1]) / 2)
+
+
+def test_appended_absolute_rows_keep_the_trained_ones_and_start_untrained():
+    torch.manual_seed(0)
+    old = torch.randn(64, 32)
+    new = append_rows(old, 256)
+    assert torch.equal(new[:64], old)  # the trained window is untouched
+    assert new[64:].std().item() == pytest.approx(0.02, rel=0.1)  # the rest drawn as a fresh table is
+    assert torch.equal(append_rows(old, 16), old[:16])
+
+
+def test_loading_a_shorter_absolute_table_resizes_it_the_way_the_model_says(tmp_path):
+    base = tiny_model({"kind": "absolute"})  # 32 trained rows
+    trained = base.position.table.detach().clone()
+    for extend in ("interpolate", "append"):
+        longer = tiny_model({"kind": "absolute", "scale": 4, "extend": extend})
+        load_into(longer, base.state_dict())
+        table = longer.position.table.detach()
+        assert table.shape[0] == 128
+        if extend == "append":
+            assert torch.equal(table[:32], trained) and not torch.allclose(table[32:64], trained, atol=1e-3)
+        else:
+            assert torch.equal(table[0], trained[0]) and torch.equal(table[-1], trained[-1])
+            assert not torch.equal(table[:32], trained)  # resampled: row i now reads old position i * 31 / 127
+
+
+def test_extend_is_a_setting_of_the_absolute_table_only():
+    with pytest.raises(PositionError, match="position.extend applies to the learned absolute table only"):
+        build_position(tiny_args(), {"kind": "pi", "scale": 2, "extend": "append"})
+    with pytest.raises(PositionError, match="position.extend='copy' is not one of interpolate, append"):
+        build_position(tiny_args(), {"kind": "absolute", "scale": 2, "extend": "copy"})
 
 
 def test_absolute_table_refuses_positions_beyond_its_end():

@@ -67,12 +67,21 @@ def test_finetune_without_init_pretrains_and_caches_the_bundled_base_then_extend
 def test_init_from_a_checkpoint_starts_from_its_weights_and_extends_an_absolute_table(cache_dir, tmp_path):
     base = train(smoke(cache_dir, tmp_path / "base", "stage=pretrain", "position=absolute", "optim.pretrain.max_steps=2"))
     table = load_pretrained(base.last_checkpoint).state_dict["position.table"]
-    cfg = smoke(cache_dir, tmp_path / "ft", f"init={base.last_checkpoint}", "position=absolute", "scale=2",
-                "optim.finetune.lr=1e-12", "optim.finetune.max_steps=1")
-    extended = load_pretrained(train(cfg).last_checkpoint).state_dict["position.table"]
-    assert extended.shape[0] == 2 * table.shape[0]
-    torch.testing.assert_close(extended[0], table[0], atol=1e-6, rtol=0)  # end points kept
-    torch.testing.assert_close(extended[-1], table[-1], atol=1e-6, rtol=0)
+    n = table.shape[0]
+    tables = {}
+    for extend in ("interpolate", "append"):
+        cfg = smoke(cache_dir, tmp_path / extend, f"init={base.last_checkpoint}", "position=absolute", "scale=2",
+                    f"position.extend={extend}", "optim.finetune.lr=1e-12", "optim.finetune.max_steps=1")
+        extended = load_pretrained(train(cfg).last_checkpoint)
+        assert extended.position["extend"] == extend
+        tables[extend] = extended.state_dict["position.table"]
+        assert tables[extend].shape[0] == 2 * n
+    # Interpolation keeps the end points and spreads the trained rows over the longer window;
+    # append keeps the trained window as it was and adds rows it never trained.
+    torch.testing.assert_close(tables["interpolate"][0], table[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(tables["interpolate"][-1], table[-1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(tables["append"][:n], table, atol=1e-6, rtol=0)
+    assert not torch.allclose(tables["append"][n:], tables["interpolate"][n:], atol=1e-3)
 
 
 def test_init_from_an_hf_folder_fine_tunes_its_weights(cache_dir, tmp_path):
