@@ -1,7 +1,7 @@
 """Reproduce the paper's findings at small scale, in one command, with a report.
 
     python reproduce.py                  # CPU: the bundled 5M model, L = 128 -> L' = 1024
-    python reproduce.py budget=gpu       # one H100/H200: a ~28M model, L = 256 -> 2048, bf16 (not yet run)
+    python reproduce.py budget=gpu       # one H100/H200: a ~28M model, L = 256 -> 2048, bf16 (README)
     python reproduce.py budget=mini      # the pipeline in a few minutes (numbers meaningless)
 
 1. Pretrain a RoPE base at window L on the bundled corpus, with a share of answered passkey
@@ -103,6 +103,10 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], base_pas
     claims = judge_all(numbers)
     pi_long = stages["pi_long"].title
     by_step = {pi: run.by_step("pi"), ft: run.by_step("ft"), ft_long: run.by_step("ft_long"), pi_long: run.by_step("pi_long")}
+    corpus = run.train_tokens()
+    fine_tunes = [stages[name] for name in ("pi", "ft", "ft_long", "pi_long")]
+    fits = report.fit_check(by_step, long_window, passes={s.title: run.tokens_seen(s.name) / corpus for s in fine_tunes},
+                            train_ppl={s.title: s.summary.get("metrics", {}).get("train/ppl") for s in fine_tunes})
     device = device_description(str(cfg.budget.trainer))
     today = datetime.date.today().isoformat()
     budget = OmegaConf.to_container(cfg.budget, resolve=True)
@@ -129,7 +133,6 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], base_pas
         base_figures = [f for f in attention["figures"] if f.startswith("attention_")]
         if base_figures:
             figures["base_qk"] = report.copy_figure(eval_dir / "attention" / base_figures[0], out / "figure2_base_qk.png")
-        corpus = run.train_tokens()
         stage_rows = [[s.name, s.title, f"`{s.command}`", f"{run.tokens_seen(s.name) / 1e6:.2f}M ({run.tokens_seen(s.name) / corpus:.2f})",
                        f"{s.seconds:.0f}" + (" (reused)" if s.reused else ""),
                        f"{tables.format_ppl(_val_ppl(s.summary))} at {s.summary['seq_len']}"] for s in stages.values()]
@@ -141,7 +144,7 @@ Seed {cfg.seed}. Base window L = {L}, extended window L' = {long_window} (scale 
 
 **Verdicts:** {verdicts}.
 
-## Setup
+{report.fit_warning(fits)}## Setup
 
 - Model: `model={budget['model']}` ({_shape(run)}), trained with `trainer={budget['trainer']}`{_extra_overrides(budget)} on the bundled Shakespeare corpus
   (36 train / 3 validation / 3 test plays, split by play).
@@ -160,6 +163,10 @@ The train split holds {corpus / 1e6:.2f}M tokens; "tokens (passes)" counts what 
 ## Claims
 
 {report.claims_section(claims)}
+
+## Overfitting check
+
+{report.fit_section(fits, long_window)}
 
 ## Table 1 analog: perplexity by evaluation window
 
@@ -207,6 +214,7 @@ Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not
                                              for s in stages.values()},
             "ppl": ppl, "passkey": extensions["passkey"], "passkey_base_at_L": base_passkey, "by_step": by_step,
             "attention": attention["attention"], "claims": [c.__dict__ for c in claims],
+            "fit": [f.__dict__ for f in fits],
             **({"ablation_long_passkey": ablation_json} if ablation_json is not None else {}),
         })
     log.info("report: %s (%s)", Path(str(cfg.report_dir)) / "README.md", verdicts)

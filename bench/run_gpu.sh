@@ -14,7 +14,8 @@
 #
 # Issue 7 needs a call of its own (not in the default steps): `bash bench/run_gpu.sh reproduce` runs
 # `python reproduce.py budget=gpu` (RUN_GPU_REPRODUCE_ARGS replaces `budget=gpu`) and brings the report back
-# in $OUT/reproduction-gpu (copy it to results/reproduction-gpu); its checkpoints stay on the machine.
+# in $OUT/reproduction-gpu (copy it to results/reproduction-gpu) with each stage's training curves in
+# $OUT/reproduction-records; its checkpoints stay on the machine.
 #
 # The whole script keeps within RUN_GPU_BUDGET_S (default 575 s, under the device tool's 600 s limit):
 # each step has a cap (tests 75 s, bench 250 s, fsdp 150 s, compile the rest) and never eats the time
@@ -131,11 +132,21 @@ for i in "${!planned[@]}"; do
         --md compile.md 2>&1 | tee "$OUT/compile.log"
       rc=${PIPESTATUS[0]} ;;
     reproduce)
-      # The report is written only once every stage is done; the work folder (checkpoints) stays here.
-      timeout -k 5 "$cap" python3 reproduce.py "${reproduce_args[@]}" "work_dir=${TMPDIR:-/tmp}/reproduce-work" \
+      # A work folder inside the checkout (git-ignored) and named relative to it, so that the report's
+      # commands name no machine's folders; the checkpoints stay there, on the machine.
+      work=${RUN_GPU_REPRODUCE_WORK:-outputs/reproduce/device}
+      timeout -k 5 "$cap" python3 reproduce.py "${reproduce_args[@]}" "work_dir=$work" \
         "report_dir=$OUT/reproduction-gpu" > "$OUT/reproduce.log" 2>&1
       rc=$?
-      grep -E "\[reproduce\]|stage|report written|Error|error" "$OUT/reproduce.log" | tail -n 40 ;;
+      grep -E "\[reproduce\]|stage|report written|Error|error" "$OUT/reproduce.log" | tail -n 40
+      # Each stage's small records (training curves, summaries; no checkpoints), flat as STAGE__FILE: the
+      # train-loss curves behind the report, and all that is left of a run cut short before its report.
+      mkdir -p "$OUT/reproduction-records"
+      for run in "$work"/runs/*/; do
+        for file in summary.json reproduce_stage.json eval_by_step.json logs/metrics.csv; do
+          [ -f "$run$file" ] && cp "$run$file" "$OUT/reproduction-records/$(basename "$run")__${file##*/}"
+        done
+      done ;;
   esac
   if ((rc == 124 || rc == 137)); then
     echo "run_gpu.sh: step '$step' was cut at its ${cap}s limit" | tee -a "$OUT/cut.log"

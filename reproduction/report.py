@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,68 @@ By fine-tuning step (validation plays, as in Table 3):
 ![by step, passkeys to L']({figure})
 
 """
+
+
+# A fine-tune whose validation perplexity at L' ends this much above its best by-step value has stopped
+# learning the task and started fitting its training text: its final checkpoint says little about the
+# position encoding. The paper's fine-tunes see each token about once; ours repeat a 2M-token corpus.
+OVERFIT_RATIO = 1.10
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How one fine-tune ended against its own validation curve at L'."""
+
+    title: str
+    passes: float                   # passes over the train split during this fine-tune
+    train_ppl: float | None         # last logged training perplexity (a running batch value)
+    best_ppl: float                 # lowest by-step validation perplexity at L' after step 0
+    best_step: int
+    final_ppl: float                # the by-step value at the last step
+    overfit: bool
+
+
+def fit_check(runs: Mapping[str, Sequence[Mapping[str, Any]]], long_window: int, passes: Mapping[str, float],
+              train_ppl: Mapping[str, float | None]) -> list[Fit]:
+    """Each fine-tune's best and final validation perplexity at L' from its by-step rows (step 0, the base
+    before any update, is not a candidate)."""
+    fits = []
+    for title, rows in runs.items():
+        curve = [(row["step"], row[f"ppl_{long_window}"]) for row in rows
+                 if row["step"] > 0 and row.get(f"ppl_{long_window}") is not None]
+        if not curve:
+            continue
+        best_step, best = min(curve, key=lambda point: point[1])
+        final = curve[-1][1]
+        fits.append(Fit(title, passes[title], train_ppl.get(title), best, best_step, final,
+                        overfit=final > OVERFIT_RATIO * best))
+    return fits
+
+
+def fit_section(fits: Sequence[Fit], long_window: int) -> str:
+    rows = [[f.title, f"{f.passes:.2f}", tables.format_ppl(f.train_ppl), f"{tables.format_ppl(f.best_ppl)} (step {f.best_step})",
+             tables.format_ppl(f.final_ppl), f"{f.final_ppl / f.best_ppl:.2f}", "**overfit**" if f.overfit else "no"]
+            for f in fits]
+    return (f"Validation plays, perplexity at L' = {long_window} from the by-step tables below; a run is marked overfit "
+            f"when it ends more than {OVERFIT_RATIO - 1:.0%} above its best step. The training perplexity is the last "
+            "logged batch's (passkey prompts included).\n\n"
+            + tables.markdown_table(["fine-tune", "passes over the train split", "train ppl, last", "val ppl at L', best",
+                                     "val ppl at L', final", "final / best", "overfit"], rows))
+
+
+def fit_warning(fits: Sequence[Fit]) -> str:
+    """One sentence for the top of the report when a fine-tune overfit; empty otherwise."""
+    overfit = [f.title for f in fits if f.overfit]
+    if not overfit:
+        return ""
+    return (f"**Caution:** {_join(overfit)} ended more than {OVERFIT_RATIO - 1:.0%} above {'its' if len(overfit) == 1 else 'their'} "
+            "best validation perplexity at L' (see \"Overfitting check\"): the verdicts compare final checkpoints, as the "
+            "paper does, and for these runs the final checkpoint measures fitting the training text more than the "
+            "position encoding.\n\n")
+
+
+def _join(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def attention_section(attention: Mapping[str, Any], base_name: str) -> str:

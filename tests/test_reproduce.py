@@ -86,6 +86,28 @@ def test_the_ablation_table_splits_passkey_success_at_the_base_window() -> None:
     assert "not used for any verdict" in text
 
 
+def test_a_fine_tune_that_ends_well_above_its_best_validation_step_is_marked_overfit() -> None:
+    from reproduction.report import fit_check, fit_section, fit_warning
+
+    # Shapes of the 2026-11-27 GPU run: PI settles, the 10N direct fine-tune climbs after step 250.
+    runs = {
+        "PI, 200 steps": [{"step": 0, "ppl_2048": 670.0}, {"step": 100, "ppl_2048": 61.8}, {"step": 200, "ppl_2048": 58.6}],
+        "FT, 2000 steps": [{"step": 0, "ppl_2048": 68300.0}, {"step": 250, "ppl_2048": 70.7},
+                           {"step": 1000, "ppl_2048": 185.2}, {"step": 2000, "ppl_2048": 1140.0}],
+        "FT, 200 steps": [{"step": 0, "ppl_2048": 68300.0}, {"step": 125, "ppl_2048": 64.9}, {"step": 200, "ppl_2048": 67.8}],
+    }
+    passes = {"PI, 200 steps": 1.7, "FT, 2000 steps": 17.0, "FT, 200 steps": 1.7}
+    fits = {f.title: f for f in fit_check(runs, 2048, passes, {"FT, 2000 steps": 1.3})}
+    assert not fits["PI, 200 steps"].overfit and (fits["PI, 200 steps"].best_step, fits["PI, 200 steps"].best_ppl) == (200, 58.6)
+    assert fits["FT, 2000 steps"].overfit and fits["FT, 2000 steps"].best_step == 250  # step 0 is never the best
+    assert not fits["FT, 200 steps"].overfit  # 4% above its best: within the tolerance
+    table = fit_section(list(fits.values()), 2048)
+    assert "| FT, 2000 steps | 17.00 | 1.30 | 70.70 (step 250) | 1.14e+03 | 16.12 | **overfit** |" in table
+    warning = fit_warning(list(fits.values()))
+    assert warning.startswith("**Caution:** FT, 2000 steps ended") and "PI, 200 steps" not in warning
+    assert fit_warning([fits["PI, 200 steps"]]) == ""
+
+
 @pytest.mark.parametrize("budget", ["cpu", "gpu", "mini"])
 def test_every_budget_composes_into_valid_training_configs(budget: str) -> None:
     from training.config import validate
@@ -173,7 +195,8 @@ def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_de
             'budget.trainer_overrides=["trainer.accelerator=cpu","optim.fused=true"]')
     out = tmp_path / "out"
     env = {**os.environ, "PI_LLAMA_CACHE": str(tmp_path / "cache"), "OUT": str(out), "TMPDIR": str(tmp_path),
-           "RUN_GPU_REPRODUCE_ARGS": args}
+           "RUN_GPU_REPRODUCE_ARGS": args,
+           "RUN_GPU_REPRODUCE_WORK": str(tmp_path / "reproduce-work")}
     done = subprocess.run(["bash", "bench/run_gpu.sh", "reproduce"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + (out / "reproduce.log").read_text()[-3000:]
@@ -185,5 +208,9 @@ def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_de
     text = (report / "README.md").read_text()
     # The report's command line can be pasted into a shell: the override with a list is quoted.
     assert "'budget.trainer_overrides=[\"trainer.accelerator=cpu\",\"optim.fused=true\"]'" in text
-    # Only the report comes back from the device: the checkpoints stay in its work folder.
+    # Only the report and each stage's small records come back from the device: the checkpoints stay in its
+    # work folder.
     assert not list(out.rglob("*.ckpt")) and (tmp_path / "reproduce-work" / "runs" / "pi" / "checkpoints" / "last.ckpt").exists()
+    records = {path.name for path in (out / "reproduction-records").iterdir()}
+    for stage in ("base", "pi", "ft", "ft_long", "pi_long"):
+        assert {f"{stage}__metrics.csv", f"{stage}__summary.json"} <= records, sorted(records)
