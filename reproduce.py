@@ -171,7 +171,7 @@ The train split holds {corpus / 1e6:.2f}M tokens; "tokens (passes)" counts what 
 ## Table 1 analog: perplexity by evaluation window
 
 Sliding window, stride {min(256, L)}, the test plays{_ppl_cut(budget)}. "No fine-tuning" rows read the RoPE base
-with that scaling at scale {cfg.scale}.
+with that scaling at scale {cfg.scale}.{_early_stopping_text(run)}
 
 {report.ppl_section(windows, L, ppl)}
 
@@ -220,6 +220,25 @@ Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not
     log.info("report: %s (%s)", Path(str(cfg.report_dir)) / "README.md", verdicts)
     print(f"report written to {Path(str(cfg.report_dir)).resolve() / 'README.md'}: {verdicts}")
     return Path(str(cfg.report_dir))
+
+
+def _early_stopping_text(run: Any) -> str:
+    early = run.best_variants(["ft_long", "pi_long"])
+    if not early:
+        return ""
+    return (f" {_plural(len(early), 'The row', 'The rows')} \"{_names(early)}\" {_plural(len(early), 'reads', 'read')} "
+            "the same fine-tune at its lowest "
+            "validation loss at L' (validation plays, checked every `trainer.val_check_interval` steps) instead of its "
+            "last step: early stopping, which the paper's protocol does not use; no verdict uses "
+            f"{_plural(len(early), 'it', 'them')}.")
+
+
+def _plural(count: int, one: str, many: str) -> str:
+    return one if count == 1 else many
+
+
+def _names(variants: list[dict[str, Any]]) -> str:
+    return '" and "'.join(v["name"] for v in variants)
 
 
 def _relative(value: Any) -> Any:

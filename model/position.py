@@ -89,9 +89,7 @@ class LearnedAbsolute(PositionEncoding):
 
     def __init__(self, dim: int, length: int, scale: float = 1.0, extend: str = "interpolate") -> None:
         super().__init__(scale)
-        if extend not in EXTEND_MODES:
-            raise PositionError(f"position.extend={extend!r} is not one of {', '.join(EXTEND_MODES)}.")
-        self.extend = extend
+        self.extend = _checked_extend(extend)
         self.table = nn.Parameter(torch.empty(length, dim))
         nn.init.normal_(self.table, std=TABLE_INIT_STD)
 
@@ -120,11 +118,14 @@ class LearnedAbsolute(PositionEncoding):
 
 def resize_table(table: Tensor, length: int, extend: str = "interpolate") -> Tensor:
     """A trained (n, dim) table made `length` rows long: resampled, or cut / given untrained rows."""
-    if extend == "interpolate":
-        return interpolate_table(table, length)
-    if extend == "append":
-        return append_rows(table, length)
-    raise PositionError(f"position.extend={extend!r} is not one of {', '.join(EXTEND_MODES)}.")
+    resize = {"interpolate": interpolate_table, "append": append_rows}[_checked_extend(extend)]
+    return resize(table, length)
+
+
+def _checked_extend(extend: str) -> str:
+    if extend not in EXTEND_MODES:
+        raise PositionError(f"position.extend={extend!r} is not one of {', '.join(EXTEND_MODES)}.")
+    return extend
 
 
 def append_rows(table: Tensor, length: int) -> Tensor:

@@ -208,7 +208,26 @@ class Reproduction:
     def extension_variants(self) -> list[dict[str, Any]]:
         base = str(self.checkpoint("base"))
         rows = [{"name": name, "ckpt": base, "position": {**position, "scale": self.scale}} for name, position in NO_FINE_TUNING]
-        return rows + self.stage_variants(["ft", "ft_long", "pi", "pi_long"])
+        return rows + self.stage_variants(["ft", "ft_long", "pi", "pi_long"]) + self.best_variants(["ft_long", "pi_long"])
+
+    def best_variants(self, stages: list[str]) -> list[dict[str, Any]]:
+        """Rows for the fine-tunes whose lowest validation loss came before their last step, read at that step.
+
+        Early stopping on the validation plays (`best.ckpt`, val/loss at L' every val_check_interval
+        steps), never on the test plays: it asks what each encoding reaches within its step budget
+        when repeating a 2M-token corpus makes the last step overfit. Not the paper's protocol; no
+        verdict uses these rows.
+        """
+        from training.faults import checkpoint_step  # noqa: PLC0415
+
+        rows = []
+        for stage in stages:
+            last = self.checkpoint(stage)
+            best = last.with_name("best.ckpt")
+            step = checkpoint_step(best) if best.exists() else None
+            if step is not None and step != checkpoint_step(last):
+                rows.append({"name": f"{self.stages[stage].title}, best validation step ({step})", "ckpt": str(best)})
+        return rows
 
     def stage_variants(self, stages: list[str]) -> list[dict[str, Any]]:
         """Evaluation rows for finished fine-tunes, each read with its own encoding."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -131,56 +132,83 @@ By fine-tuning step (validation plays, as in Table 3):
 OVERFIT_RATIO = 1.10
 
 
+OVERFIT, DIVERGED, FIT, NO_CURVE = "overfit", "diverged", "no", "no curve"
+
+
 @dataclass(frozen=True)
 class Fit:
     """How one fine-tune ended against its own validation curve at L'."""
 
     title: str
-    passes: float                   # passes over the train split during this fine-tune
+    passes: float | None            # passes over the train split during this fine-tune
     train_ppl: float | None         # last logged training perplexity (a running batch value)
-    best_ppl: float                 # lowest by-step validation perplexity at L' after step 0
-    best_step: int
-    final_ppl: float                # the by-step value at the last step
-    overfit: bool
+    best_ppl: float | None          # lowest finite by-step validation perplexity at L' after step 0
+    best_step: int | None
+    final_ppl: float | None         # the value at the last evaluated step; None where it was not finite
+    verdict: str                    # FIT, OVERFIT, DIVERGED (the last value not finite) or NO_CURVE
 
 
 def fit_check(runs: Mapping[str, Sequence[Mapping[str, Any]]], long_window: int, passes: Mapping[str, float],
               train_ppl: Mapping[str, float | None]) -> list[Fit]:
-    """Each fine-tune's best and final validation perplexity at L' from its by-step rows (step 0, the base
-    before any update, is not a candidate)."""
+    """Each fine-tune's best and final validation perplexity at L' from its by-step rows.
+
+    Step 0 (the base before any update) is never the best. Non-finite perplexities are stored as
+    null in the by-step JSON: a run whose last value is null diverged, whatever came before it.
+    """
+    key = f"ppl_{long_window}"
     fits = []
     for title, rows in runs.items():
-        curve = [(row["step"], row[f"ppl_{long_window}"]) for row in rows
-                 if row["step"] > 0 and row.get(f"ppl_{long_window}") is not None]
-        if not curve:
-            continue
-        best_step, best = min(curve, key=lambda point: point[1])
-        final = curve[-1][1]
-        fits.append(Fit(title, passes[title], train_ppl.get(title), best, best_step, final,
-                        overfit=final > OVERFIT_RATIO * best))
+        later = sorted((row for row in rows if row["step"] > 0), key=lambda row: row["step"])
+        finite = [(row["step"], float(row[key])) for row in later if _finite(row.get(key))]
+        best_step, best = min(finite, key=lambda point: point[1]) if finite else (None, None)
+        final = float(later[-1][key]) if later and _finite(later[-1].get(key)) else None
+        if not later:
+            verdict = NO_CURVE
+        elif final is None or best is None:
+            verdict = DIVERGED
+        else:
+            verdict = OVERFIT if final > OVERFIT_RATIO * best else FIT
+        fits.append(Fit(title, passes.get(title), train_ppl.get(title), best, best_step, final, verdict))
     return fits
 
 
 def fit_section(fits: Sequence[Fit], long_window: int) -> str:
-    rows = [[f.title, f"{f.passes:.2f}", tables.format_ppl(f.train_ppl), f"{tables.format_ppl(f.best_ppl)} (step {f.best_step})",
-             tables.format_ppl(f.final_ppl), f"{f.final_ppl / f.best_ppl:.2f}", "**overfit**" if f.overfit else "no"]
+    def ppl(value: float | None) -> str:
+        return "-" if value is None else tables.format_ppl(value)
+
+    rows = [[f.title, "-" if f.passes is None else f"{f.passes:.2f}", ppl(f.train_ppl),
+             "-" if f.best_ppl is None else f"{ppl(f.best_ppl)} (step {f.best_step})", ppl(f.final_ppl),
+             "-" if f.final_ppl is None or f.best_ppl is None else f"{f.final_ppl / f.best_ppl:.2f}",
+             f"**{f.verdict}**" if f.verdict in (OVERFIT, DIVERGED) else f.verdict]
             for f in fits]
-    return (f"Validation plays, perplexity at L' = {long_window} from the by-step tables below; a run is marked overfit "
-            f"when it ends more than {OVERFIT_RATIO - 1:.0%} above its best step. The training perplexity is the last "
-            "logged batch's (passkey prompts included).\n\n"
+    return (f"Validation plays, perplexity at L' = {long_window} from the by-step tables below (step 0 excluded); a "
+            f"run is marked overfit when its last step is more than {OVERFIT_RATIO - 1:.0%} above its best, diverged "
+            "when its last value is not finite, \"no curve\" when it was not evaluated after step 0. The training "
+            "perplexity is the last logged batch's (passkey prompts included).\n\n"
             + tables.markdown_table(["fine-tune", "passes over the train split", "train ppl, last", "val ppl at L', best",
-                                     "val ppl at L', final", "final / best", "overfit"], rows))
+                                     "val ppl at L', final", "final / best", "verdict"], rows))
 
 
 def fit_warning(fits: Sequence[Fit]) -> str:
-    """One sentence for the top of the report when a fine-tune overfit; empty otherwise."""
-    overfit = [f.title for f in fits if f.overfit]
-    if not overfit:
+    """One paragraph for the top of the report when a fine-tune overfit or diverged; empty otherwise."""
+    overfit = [f.title for f in fits if f.verdict == OVERFIT]
+    diverged = [f.title for f in fits if f.verdict == DIVERGED]
+    if not overfit and not diverged:
         return ""
-    return (f"**Caution:** {_join(overfit)} ended more than {OVERFIT_RATIO - 1:.0%} above {'its' if len(overfit) == 1 else 'their'} "
-            "best validation perplexity at L' (see \"Overfitting check\"): the verdicts compare final checkpoints, as the "
-            "paper does, and for these runs the final checkpoint measures fitting the training text more than the "
-            "position encoding.\n\n")
+    parts = []
+    if overfit:
+        parts.append(f"{_join(overfit)} ended more than {OVERFIT_RATIO - 1:.0%} above "
+                     f"{'its' if len(overfit) == 1 else 'their'} best validation perplexity at L'")
+    if diverged:
+        parts.append(f"{_join(diverged)} ended with a validation perplexity at L' that is not finite")
+    flagged = len(overfit) + len(diverged)
+    return (f"**Caution:** {'; '.join(parts)} (see \"Overfitting check\"). The verdicts compare final checkpoints, as "
+            f"the paper does; for {'this run' if flagged == 1 else 'these runs'} the final checkpoint says more about "
+            "the training than about the position encoding.\n\n")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _join(names: Sequence[str]) -> str:

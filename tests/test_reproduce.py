@@ -87,25 +87,72 @@ def test_the_ablation_table_splits_passkey_success_at_the_base_window() -> None:
 
 
 def test_a_fine_tune_that_ends_well_above_its_best_validation_step_is_marked_overfit() -> None:
-    from reproduction.report import fit_check, fit_section, fit_warning
+    from reproduction.report import DIVERGED, FIT, NO_CURVE, OVERFIT, fit_check, fit_section, fit_warning
 
-    # Shapes of the 2026-11-27 GPU run: PI settles, the 10N direct fine-tune climbs after step 250.
+    def curve(*points: tuple[int, float | None]) -> list[dict]:
+        return [{"step": step, "ppl_2048": ppl} for step, ppl in points]
+
     runs = {
-        "PI, 200 steps": [{"step": 0, "ppl_2048": 670.0}, {"step": 100, "ppl_2048": 61.8}, {"step": 200, "ppl_2048": 58.6}],
-        "FT, 2000 steps": [{"step": 0, "ppl_2048": 68300.0}, {"step": 250, "ppl_2048": 70.7},
-                           {"step": 1000, "ppl_2048": 185.2}, {"step": 2000, "ppl_2048": 1140.0}],
-        "FT, 200 steps": [{"step": 0, "ppl_2048": 68300.0}, {"step": 125, "ppl_2048": 64.9}, {"step": 200, "ppl_2048": 67.8}],
+        # Shapes of the 2026-11-27 GPU run: PI settles, the 10N direct fine-tune climbs after step 250.
+        "PI, 200 steps": curve((0, 670.0), (100, 61.8), (200, 58.6)),
+        "FT, 2000 steps": curve((0, 68300.0), (250, 70.7), (1000, 185.2), (2000, 1140.0)),
+        # Step 0 is never the best: against 50 at step 0 this run would be 28% up; against step 100, 6.7%.
+        "low start": curve((0, 50.0), (100, 60.0), (200, 64.0)),
+        # Either side of the 10% line.
+        "just over": curve((0, 900.0), (100, 100.0), (200, 110.5)),
+        "just under": curve((0, 900.0), (100, 100.0), (200, 109.5)),
+        # The final value is the last step's, whatever the rows' order and the highest value.
+        "spike": curve((300, 70.0), (0, 900.0), (200, 200.0), (100, 80.0)),
+        # A last value that was not finite (stored as null) is a divergence, however good the earlier ones.
+        "blown up": curve((0, 900.0), (100, 60.0), (200, None)),
+        "never evaluated": curve((0, 900.0)),
     }
-    passes = {"PI, 200 steps": 1.7, "FT, 2000 steps": 17.0, "FT, 200 steps": 1.7}
+    passes = {"PI, 200 steps": 1.7, "FT, 2000 steps": 17.0}
     fits = {f.title: f for f in fit_check(runs, 2048, passes, {"FT, 2000 steps": 1.3})}
-    assert not fits["PI, 200 steps"].overfit and (fits["PI, 200 steps"].best_step, fits["PI, 200 steps"].best_ppl) == (200, 58.6)
-    assert fits["FT, 2000 steps"].overfit and fits["FT, 2000 steps"].best_step == 250  # step 0 is never the best
-    assert not fits["FT, 200 steps"].overfit  # 4% above its best: within the tolerance
+    assert {title: f.verdict for title, f in fits.items()} == {
+        "PI, 200 steps": FIT, "FT, 2000 steps": OVERFIT, "low start": FIT, "just over": OVERFIT, "just under": FIT,
+        "spike": FIT, "blown up": DIVERGED, "never evaluated": NO_CURVE}
+    assert (fits["low start"].best_step, fits["low start"].best_ppl) == (100, 60.0)
+    assert (fits["spike"].final_ppl, fits["spike"].best_step) == (70.0, 300)
+    assert (fits["blown up"].final_ppl, fits["blown up"].best_ppl) == (None, 60.0)
+
     table = fit_section(list(fits.values()), 2048)
     assert "| FT, 2000 steps | 17.00 | 1.30 | 70.70 (step 250) | 1.14e+03 | 16.12 | **overfit** |" in table
+    assert "| blown up | - | - | 60.00 (step 100) | - | - | **diverged** |" in table
+    assert "| never evaluated | - | - | - | - | - | no curve |" in table
     warning = fit_warning(list(fits.values()))
-    assert warning.startswith("**Caution:** FT, 2000 steps ended") and "PI, 200 steps" not in warning
-    assert fit_warning([fits["PI, 200 steps"]]) == ""
+    assert warning.startswith("**Caution:** FT, 2000 steps and just over ended more than 10% above their best")
+    assert "blown up ended with a validation perplexity at L' that is not finite" in warning
+    assert "PI, 200 steps" not in warning and "these runs" in warning
+    assert "this run " in fit_warning([fits["FT, 2000 steps"]])
+    assert fit_warning([fits["PI, 200 steps"], fits["never evaluated"]]) == ""
+
+
+def test_the_long_fine_tunes_are_also_read_at_their_best_validation_step_when_it_came_before_the_last(tmp_path: Path) -> None:
+    import torch
+
+    from reproduction.pipeline import Reproduction, Stage
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}"]))
+    # (step of best.ckpt or None for no file): ft_long overfit after step 100; pi_long was best at its last step.
+    for stage, best_step in (("ft_long", 100), ("pi_long", 800), ("ft", None), ("pi", None)):
+        checkpoints = tmp_path / "runs" / stage / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        torch.save({"global_step": 800}, checkpoints / "last.ckpt")
+        if best_step is not None:
+            torch.save({"global_step": best_step}, checkpoints / "best.ckpt")
+        run.stages[stage] = Stage(stage, f"{stage} title", [])
+    best = tmp_path / "runs" / "ft_long" / "checkpoints" / "best.ckpt"
+    assert run.best_variants(["ft_long", "pi_long", "ft"]) == [
+        {"name": "ft_long title, best validation step (100)", "ckpt": str(best)}]
+    names = [row["name"] for row in run.extension_variants()]
+    assert names[-1] == "ft_long title, best validation step (100)" and "ft_long title" in names
+    sys.path.insert(0, str(REPO))
+    from reproduce import _early_stopping_text
+
+    text = _early_stopping_text(run)
+    assert text.startswith(' The row "ft_long title, best validation step (100)" reads the same') and text.endswith("uses it.")
 
 
 @pytest.mark.parametrize("budget", ["cpu", "gpu", "mini"])
