@@ -226,10 +226,9 @@ def _early_stopping_text(run: Any) -> str:
     early = run.best_variants(["ft_long", "pi_long"])
     if not early:
         return ""
-    return (f" {_plural(len(early), 'The row', 'The rows')} \"{_names(early)}\" {_plural(len(early), 'reads', 'read')} "
-            "the same fine-tune at its lowest "
-            "validation loss at L' (validation plays, checked every `trainer.val_check_interval` steps) instead of its "
-            "last step: early stopping, which the paper's protocol does not use; no verdict uses "
+    return (f" {_plural(len(early), 'The row', 'The rows')} \"{_names(early)}\" {_plural(len(early), 'reads that', 'read each')} "
+            "fine-tune's checkpoint with the lowest validation loss at L' (validation plays, checked every "
+            "`trainer.val_check_interval` steps) instead of its last: early stopping, which the paper's protocol does not use; no verdict uses "
             f"{_plural(len(early), 'it', 'them')}.")
 
 

@@ -152,7 +152,7 @@ def test_the_long_fine_tunes_are_also_read_at_their_best_validation_step_when_it
     from reproduce import _early_stopping_text
 
     text = _early_stopping_text(run)
-    assert text.startswith(' The row "ft_long title, best validation step (100)" reads the same') and text.endswith("uses it.")
+    assert text.startswith(' The row "ft_long title, best validation step (100)" reads that fine-tune\'s checkpoint') and text.endswith("uses it.")
 
 
 @pytest.mark.parametrize("budget", ["cpu", "gpu", "mini"])
