@@ -226,14 +226,11 @@ def _early_stopping_text(run: Any) -> str:
     early = run.best_variants(["ft_long", "pi_long"])
     if not early:
         return ""
-    return (f" {_plural(len(early), 'The row', 'The rows')} \"{_names(early)}\" {_plural(len(early), 'reads that', 'read each')} "
+    one = len(early) == 1
+    return (f" {'The row' if one else 'The rows'} \"{_names(early)}\" {'reads that' if one else 'read each'} "
             "fine-tune's checkpoint with the lowest validation loss at L' (validation plays, checked every "
-            "`trainer.val_check_interval` steps) instead of its last: early stopping, which the paper's protocol does not use; no verdict uses "
-            f"{_plural(len(early), 'it', 'them')}.")
-
-
-def _plural(count: int, one: str, many: str) -> str:
-    return one if count == 1 else many
+            "`trainer.val_check_interval` steps) instead of its last: early stopping, which the paper's protocol "
+            f"does not use; no verdict uses {'it' if one else 'them'}.")
 
 
 def _names(variants: list[dict[str, Any]]) -> str:

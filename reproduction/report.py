@@ -130,8 +130,6 @@ By fine-tuning step (validation plays, as in Table 3):
 # learning the task and started fitting its training text: its final checkpoint says little about the
 # position encoding. The paper's fine-tunes see each token about once; ours repeat a 2M-token corpus.
 OVERFIT_RATIO = 1.10
-
-
 OVERFIT, DIVERGED, FIT, NO_CURVE = "overfit", "diverged", "no", "no curve"
 
 
