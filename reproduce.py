@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> None:
 
 def reproduce(cfg: DictConfig) -> Path:
     """Run every stage (reusing finished ones) and write the report; returns the report folder."""
-    from reproduction.pipeline import Reproduction
+    from reproduction.pipeline import BASE_ROW, Reproduction
 
     run = Reproduction(cfg)
     b = cfg.budget
@@ -65,7 +65,7 @@ def reproduce(cfg: DictConfig) -> Path:
 
     ablation_stages = run.long_passkey_ablation() if b.get("long_passkey_ablation", False) else []
 
-    base = {"name": "RoPE (base)", "ckpt": str(run.checkpoint("base"))}
+    base = {"name": BASE_ROW, "ckpt": str(run.checkpoint("base"))}
     evaluated = time.perf_counter()
     extensions = run.evaluate("extensions", ["ppl", "passkey"], run.extension_variants(),
                               **{"passkey.window": run.long_window})
@@ -74,23 +74,27 @@ def reproduce(cfg: DictConfig) -> Path:
         ablation = run.evaluate("ablation_long_passkey", ["ppl", "passkey"], run.stage_variants(ablation_stages),
                                 **{"passkey.window": run.long_window})
         ablation["stages"] = ablation_stages
-    own_window = run.evaluate("base_window", ["passkey"], [base], **{"passkey.window": run.window})
+    # Prompts of L tokens: the base's own retrieval (claim 4 needs it), what PI's compression alone does to it,
+    # and what the four fine-tunes keep of it.
+    inside = run.evaluate("inside_window", ["passkey"], run.inside_window_variants(), **{"passkey.window": run.window})
     attention = run.evaluate("attention", ["attention"], [base])
     timings = {name: stage.seconds for name, stage in run.stages.items()}
     timings["evaluation"] = time.perf_counter() - evaluated
     timings["total"] = sum(timings.values())  # each stage's own run time, also when reused from an earlier call
-    return write_report(cfg, run, extensions, own_window["passkey"][base["name"]], attention, timings, ablation)
+    return write_report(cfg, run, extensions, inside["passkey"], attention, timings, ablation)
 
 
-def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], base_passkey: dict[str, Any],
+def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: dict[str, Any],
                  attention: dict[str, Any], timings: dict[str, float], ablation: dict[str, Any] | None = None) -> Path:
+    """`inside`: passkey results at window L by row name (run.inside_window_variants)."""
     from evaluation import report as tables
     from model.checkpoints import atomic_directory
     from reproduction import report
     from reproduction.claims import Numbers, judge_all
-    from reproduction.pipeline import NO_FINE_TUNING, device_description
+    from reproduction.pipeline import BASE_ROW, NO_FINE_TUNING, device_description
 
     L, long_window, windows = run.window, run.long_window, run.windows
+    base_passkey = inside[BASE_ROW]
     stages = run.stages
     pi, ft, ft_long = stages["pi"].title, stages["ft"].title, stages["ft_long"].title
     ppl = extensions["ppl_table"]
@@ -105,8 +109,11 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], base_pas
     by_step = {pi: run.by_step("pi"), ft: run.by_step("ft"), ft_long: run.by_step("ft_long"), pi_long: run.by_step("pi_long")}
     corpus = run.train_tokens()
     fine_tunes = [stages[name] for name in ("pi", "ft", "ft_long", "pi_long")]
-    fits = report.fit_check(by_step, long_window, passes={s.title: run.tokens_seen(s.name) / corpus for s in fine_tunes},
-                            train_ppl={s.title: s.summary.get("metrics", {}).get("train/ppl") for s in fine_tunes})
+    base_stage = stages["base"]
+    fits = [report.judge_fit(base_stage.title, L, report.metrics_curve(run.metrics_log("base")),
+                             run.tokens_seen("base") / corpus, base_stage.summary.get("metrics", {}).get("train/ppl"))]
+    fits += report.fit_check(by_step, long_window, passes={s.title: run.tokens_seen(s.name) / corpus for s in fine_tunes},
+                             train_ppl={s.title: s.summary.get("metrics", {}).get("train/ppl") for s in fine_tunes})
     device = device_description(str(cfg.budget.trainer))
     today = datetime.date.today().isoformat()
     budget = OmegaConf.to_container(cfg.budget, resolve=True)
@@ -166,9 +173,9 @@ The train split holds {corpus / 1e6:.2f}M tokens; "tokens (passes)" counts what 
 
 ## Overfitting check
 
-{report.fit_section(fits, long_window)}
+{report.fit_section(fits, L, long_window)}
 
-## Table 1 analog: perplexity by evaluation window
+{_base_by_step_text(run, budget)}## Table 1 analog: perplexity by evaluation window
 
 Sliding window, stride {min(256, L)}, the test plays{_ppl_cut(budget)}. "No fine-tuning" rows read the RoPE base
 with that scaling at scale {cfg.scale}.{_early_stopping_text(run)}
@@ -192,15 +199,19 @@ The paper: {report.PAPER_BY_STEP}
 {budget['passkey_trials']} random keys at each of {budget['passkey_positions']} distances up to the window; k_max is the
 largest k such that every k' <= k succeeds in at least 20% of the trials. The paper: {report.PAPER_PASSKEY}
 
-{report.passkey_section(extensions['passkey'], 'RoPE (base)', base_passkey)}
+{report.passkey_section(extensions['passkey'], BASE_ROW, base_passkey)}
 
 ![passkey]({figures['passkey']})
+
+## Passkey inside L: the base, PI's compression alone, and the fine-tunes
+
+{report.inside_window_section(inside, L, budget['passkey_trials'], budget['passkey_positions'])}
 
 {ablation_text}## Figure 2 analog: attention-score bounds
 
 The paper: {report.PAPER_FIGURE_2}
 
-{report.attention_section(attention['attention'], 'RoPE (base)')}
+{report.attention_section(attention['attention'], BASE_ROW)}
 
 ![Figure 2 fit]({figures['attention']})
 {f"![base q/k]({figures['base_qk']})" if 'base_qk' in figures else ''}
@@ -212,14 +223,28 @@ Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not
             "command": command, "date": today, "device": device, "settings": OmegaConf.to_container(cfg, resolve=True),
             "timings_s": timings, "stages": {s.name: {"title": s.title, "command": s.command, "summary": _relative(s.summary)}
                                              for s in stages.values()},
-            "ppl": ppl, "passkey": extensions["passkey"], "passkey_base_at_L": base_passkey, "by_step": by_step,
+            "ppl": ppl, "passkey": extensions["passkey"], "passkey_base_at_L": base_passkey, "passkey_inside_L": inside, "by_step": by_step,
             "attention": attention["attention"], "claims": [c.__dict__ for c in claims],
-            "fit": [f.__dict__ for f in fits],
+            "fit": [f.__dict__ for f in fits], "base_by_step": run.base_by_step(),
             **({"ablation_long_passkey": ablation_json} if ablation_json is not None else {}),
         })
     log.info("report: %s (%s)", Path(str(cfg.report_dir)) / "README.md", verdicts)
     print(f"report written to {Path(str(cfg.report_dir)).resolve() / 'README.md'}: {verdicts}")
     return Path(str(cfg.report_dir))
+
+
+def _base_by_step_text(run: Any, budget: dict[str, Any]) -> str:
+    """The base's pretraining curve at L (perplexity and passkey k_max by step), where the budget evaluated it."""
+    from reproduction import report
+
+    rows = run.base_by_step()
+    if rows is None:
+        return ""
+    return (f"## The base by pretraining step\n\nValidation plays ({budget['eval_documents']} documents, first 4096 tokens "
+            f"each) at L = {run.window}, passkey with {budget['eval_passkey_trials']} trials at each of 8 distances up to L, "
+            f"every {budget['pretrain_eval_every_n_steps']} steps: when the base learns to retrieve, and whether its "
+            "perplexity has stopped falling before the last step.\n\n"
+            + report.by_step_section({run.stages["base"].title: rows}, [run.window], run.window) + "\n\n")
 
 
 def _early_stopping_text(run: Any) -> str:

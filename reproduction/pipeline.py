@@ -36,6 +36,9 @@ NO_FINE_TUNING = (
 )
 
 
+BASE_ROW = "RoPE (base)"  # the base read as trained (RoPE at L)
+
+
 @dataclass
 class Stage:
     """One training run of the reproduction."""
@@ -87,7 +90,18 @@ class Reproduction:
             *self.common(), "stage=pretrain", "position=rope", "scale=1",
             f"optim.pretrain.max_steps={b.pretrain_steps}", f"optim.pretrain.batch_size={b.pretrain_batch_size}",
             f"optim.pretrain.warmup_steps={min(30, b.pretrain_steps // 4)}",
+            *self._pretrain_eval(),
         ]))
+
+    def _pretrain_eval(self) -> list[str]:
+        """The by-step callback at L during pretraining, where the budget asks for it (not on CPU: the
+        bundled CPU base was trained without it, and a new override would make it, and every fine-tune, stale)."""
+        b = self.budget
+        every = b.get("pretrain_eval_every_n_steps")
+        if not every:
+            return []
+        return [f"eval.every_n_steps={every}", f"eval.windows=[{self.window}]", f"eval.max_documents={b.eval_documents}",
+                f"eval.passkey_trials={b.eval_passkey_trials}"]
 
     def finetune(self, name: str, title: str, kind: str, steps: int, every: int, *extra: str) -> Stage:
         """A fine-tune of the base to L' with the paper's recipe; `extra` overrides set an ablation apart."""
@@ -123,6 +137,10 @@ class Reproduction:
 
     def checkpoint(self, stage: str) -> Path:
         return self.work / "runs" / stage / "checkpoints" / "last.ckpt"
+
+    def metrics_log(self, stage: str) -> Path:
+        """The stage's Lightning CSV log (training and validation metrics by step)."""
+        return self.work / "runs" / stage / "logs" / "metrics.csv"
 
     def _run(self, stage: Stage) -> Stage:
         from training.run import train  # noqa: PLC0415 (Lightning loads only when a stage runs)
@@ -183,8 +201,14 @@ class Reproduction:
         return hashlib.sha256(record.read_bytes()).hexdigest()[:16]
 
     def by_step(self, stage: str) -> list[dict[str, Any]]:
-        """The rows the ExtensionEvalCallback wrote during a fine-tuning stage (validation split)."""
+        """The rows the ExtensionEvalCallback wrote during a stage (validation split)."""
         return json.loads((self.work / "runs" / stage / "eval_by_step.json").read_text())
+
+    def base_by_step(self) -> list[dict[str, Any]] | None:
+        """The base's by-step rows at L, where the budget evaluated its pretraining; None otherwise."""
+        if not self.budget.get("pretrain_eval_every_n_steps") or not (self.work / "runs" / "base" / "eval_by_step.json").is_file():
+            return None
+        return self.by_step("base")
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -209,6 +233,21 @@ class Reproduction:
         base = str(self.checkpoint("base"))
         rows = [{"name": name, "ckpt": base, "position": {**position, "scale": self.scale}} for name, position in NO_FINE_TUNING]
         return rows + self.stage_variants(["ft", "ft_long", "pi", "pi_long"]) + self.best_variants(["ft_long", "pi_long"])
+
+    def inside_window_variants(self) -> list[dict[str, Any]]:
+        """Rows for passkey prompts of L tokens: the base, the base read with PI and no fine-tuning at
+        scales 2, 4, .. up to the run's scale, then the four fine-tunes with their own encoding.
+
+        Inside L every key is as close, in tokens, as in pretraining: only the positions are
+        compressed. Whether the base's retrieval survives that tells an encoding that breaks
+        retrieval outright from one that only fails to carry it over longer distances.
+        """
+        base = str(self.checkpoint("base"))
+        scales = sorted({2**i for i in range(1, 8) if 2**i < self.scale} | {self.scale})
+        rows = [{"name": BASE_ROW, "ckpt": base}]
+        rows += [{"name": f"base read with PI at scale {s}, no fine-tuning", "ckpt": base, "position": {"kind": "pi", "scale": s}}
+                 for s in scales]
+        return rows + self.stage_variants(["ft", "ft_long", "pi", "pi_long"])
 
     def best_variants(self, stages: list[str]) -> list[dict[str, Any]]:
         """Rows for the fine-tunes whose lowest validation loss came before their last step, read at that step.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import shutil
 from collections.abc import Mapping, Sequence
@@ -70,6 +71,29 @@ def passkey_section(results: Mapping[str, Mapping[str, Any]], base_name: str, ba
     return tables.markdown_table(["model", "window", "largest k tested", "k_max", "mean success"], rows)
 
 
+def inside_window_section(results: Mapping[str, Mapping[str, Any]], window: int, trials: int, positions: int) -> str:
+    """Passkey prompts of L tokens for the base, the base read with PI at growing scales, and the fine-tunes."""
+    rows = [[name, r["distances"][-1], r["k_max"], f"{_mean(r['success_rates']):.2f}", _first_answer(r)]
+            for name, r in results.items()]
+    return (f"Beyond the paper, which reports no such table. Prompts of L = {window} tokens, so no key is further back, "
+            f"in tokens, than in pretraining; {trials} keys at each of up to {positions} distances. The rows \"base read with "
+            "PI\" compress the base's positions and nothing else: no weight has changed. The fine-tunes are read with "
+            "their own encoding. A row with k_max 0 here already fails at the shortest distance inside L, so its "
+            "failure at L' is not about the distance alone.\n\n"
+            + tables.markdown_table(["model", "largest k tested", "k_max", "mean success",
+                                     "answer to the first key at the shortest k"], rows))
+
+
+def _first_answer(result: Mapping[str, Any]) -> str:
+    """The model's continuation for the first key at the shortest distance, quoted, marked right or wrong."""
+    answers, successes = result.get("answers"), result.get("successes")
+    if not answers or not answers[0]:
+        return "-"
+    text = " ".join(str(answers[0][0]).split())  # newlines would break the table row
+    text = text if len(text) <= 24 else text[:23] + "..."
+    return f"\"{text}\" ({'right' if successes[0][0] else 'wrong'})"
+
+
 def success_within_and_beyond(result: Mapping[str, Any], window: int) -> tuple[float | None, float | None]:
     """Mean passkey success over the distances k <= L, and over k > L (None where none was tested)."""
     pairs = list(zip(result["distances"], result["success_rates"]))
@@ -126,69 +150,100 @@ By fine-tuning step (validation plays, as in Table 3):
 """
 
 
-# A fine-tune whose validation perplexity at L' ends this much above its best by-step value has stopped
-# learning the task and started fitting its training text: its final checkpoint says little about the
-# position encoding. The paper's fine-tunes see each token about once; ours repeat a 2M-token corpus.
+# A run whose validation perplexity ends this much above its best evaluated value has stopped learning the
+# task and started fitting its training text: its final checkpoint says little about the position
+# encoding. The paper's runs see each token about once; ours repeat a 2M-token corpus.
 OVERFIT_RATIO = 1.10
 OVERFIT, DIVERGED, FIT, NO_CURVE = "overfit", "diverged", "no", "no curve"
 
 
 @dataclass(frozen=True)
 class Fit:
-    """How one fine-tune ended against its own validation curve at L'."""
+    """How one run ended against its own validation curve (the base at L, the fine-tunes at L')."""
 
     title: str
-    passes: float | None            # passes over the train split during this fine-tune
-    train_ppl: float | None         # last logged training perplexity (a running batch value)
-    best_ppl: float | None          # lowest finite by-step validation perplexity at L' after step 0
+    window: int                     # the window of the validation curve
+    passes: float | None            # passes over the train split during this run
+    train_ppl: float | None         # training perplexity over the last (possibly partial) epoch
+    best_ppl: float | None          # lowest finite validation perplexity after step 0
     best_step: int | None
     final_ppl: float | None         # the value at the last evaluated step; None where it was not finite
     verdict: str                    # FIT, OVERFIT, DIVERGED (the last value not finite) or NO_CURVE
+
+
+def judge_fit(title: str, window: int, curve: Sequence[tuple[int, float | None]], passes: float | None,
+              train_ppl: float | None) -> Fit:
+    """One run's verdict from its validation curve, (step, perplexity) with None where not finite.
+
+    Step 0 (the model before any update) is never the best. A run whose last value is not finite
+    diverged, whatever came before it.
+    """
+    later = sorted((point for point in curve if point[0] > 0), key=lambda point: point[0])
+    finite = [(step, float(ppl)) for step, ppl in later if _finite(ppl)]
+    best_step, best = min(finite, key=lambda point: point[1]) if finite else (None, None)
+    final = float(later[-1][1]) if later and _finite(later[-1][1]) else None
+    if not later:
+        verdict = NO_CURVE
+    elif final is None or best is None:
+        verdict = DIVERGED
+    else:
+        verdict = OVERFIT if final > OVERFIT_RATIO * best else FIT
+    return Fit(title, window, passes, train_ppl, best, best_step, final, verdict)
 
 
 def fit_check(runs: Mapping[str, Sequence[Mapping[str, Any]]], long_window: int, passes: Mapping[str, float],
               train_ppl: Mapping[str, float | None]) -> list[Fit]:
     """Each fine-tune's best and final validation perplexity at L' from its by-step rows.
 
-    Step 0 (the base before any update) is never the best. Non-finite perplexities are stored as
-    null in the by-step JSON: a run whose last value is null diverged, whatever came before it.
+    Non-finite perplexities are stored as null in the by-step JSON.
     """
     key = f"ppl_{long_window}"
-    fits = []
-    for title, rows in runs.items():
-        later = sorted((row for row in rows if row["step"] > 0), key=lambda row: row["step"])
-        finite = [(row["step"], float(row[key])) for row in later if _finite(row.get(key))]
-        best_step, best = min(finite, key=lambda point: point[1]) if finite else (None, None)
-        final = float(later[-1][key]) if later and _finite(later[-1].get(key)) else None
-        if not later:
-            verdict = NO_CURVE
-        elif final is None or best is None:
-            verdict = DIVERGED
-        else:
-            verdict = OVERFIT if final > OVERFIT_RATIO * best else FIT
-        fits.append(Fit(title, passes.get(title), train_ppl.get(title), best, best_step, final, verdict))
-    return fits
+    return [judge_fit(title, long_window, [(row["step"], row.get(key)) for row in rows], passes.get(title),
+                      train_ppl.get(title)) for title, rows in runs.items()]
 
 
-def fit_section(fits: Sequence[Fit], long_window: int) -> str:
+def metrics_curve(path: Path) -> list[tuple[int, float | None]]:
+    """The validation perplexity by step from a run's Lightning CSV log (`logs/metrics.csv`); [] without one.
+
+    Rows logged through `LightningModule.log` carry the count of optimizer steps before the current one
+    (validation after step 100 says 99; rows with an explicit step, like the callback's `longctx/*`, do
+    not): stored + 1, so the steps read like the by-step tables' and the checkpoints'.
+    """
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/ppl")]
+    curve = []
+    for row in rows:
+        value = float(row["val/ppl"])
+        curve.append((int(row["step"]) + 1, value if math.isfinite(value) else None))
+    return curve
+
+
+def fit_section(fits: Sequence[Fit], window: int, long_window: int) -> str:
     def ppl(value: float | None) -> str:
         return "-" if value is None else tables.format_ppl(value)
 
-    rows = [[f.title, "-" if f.passes is None else f"{f.passes:.2f}", ppl(f.train_ppl),
+    def at(fit: Fit) -> str:
+        return "L" if fit.window == window else ("L'" if fit.window == long_window else str(fit.window))
+
+    rows = [[f.title, at(f), "-" if f.passes is None else f"{f.passes:.2f}", ppl(f.train_ppl),
              "-" if f.best_ppl is None else f"{ppl(f.best_ppl)} (step {f.best_step})", ppl(f.final_ppl),
              "-" if f.final_ppl is None or f.best_ppl is None else f"{f.final_ppl / f.best_ppl:.2f}",
              f"**{f.verdict}**" if f.verdict in (OVERFIT, DIVERGED) else f.verdict]
             for f in fits]
-    return (f"Validation plays, perplexity at L' = {long_window} from the by-step tables below (step 0 excluded); a "
-            f"run is marked overfit when its last step is more than {OVERFIT_RATIO - 1:.0%} above its best, diverged "
-            "when its last value is not finite, \"no curve\" when it was not evaluated after step 0. The training "
-            "perplexity is the last logged batch's (passkey prompts included).\n\n"
-            + tables.markdown_table(["fine-tune", "passes over the train split", "train ppl, last", "val ppl at L', best",
-                                     "val ppl at L', final", "final / best", "verdict"], rows))
+    return (f"Validation plays: the base's perplexity at L = {window} from its training log (every "
+            f"`trainer.val_check_interval` steps), each fine-tune's at L' = {long_window} from the by-step tables below "
+            f"(step 0 excluded). A run is marked overfit when its last value is more than {OVERFIT_RATIO - 1:.0%} "
+            "above its best, diverged when its last value is not finite, \"no curve\" when it was not evaluated after "
+            "step 0 (or its log is missing). The training perplexity is over the last, possibly partial, pass of the "
+            "data loader (passkey prompts included).\n\n"
+            + tables.markdown_table(["run", "window", "passes over the train split", "train ppl, last", "val ppl, best",
+                                     "val ppl, final", "final / best", "verdict"], rows))
 
 
 def fit_warning(fits: Sequence[Fit]) -> str:
-    """One paragraph for the top of the report when a fine-tune overfit or diverged; empty otherwise."""
+    """One paragraph for the top of the report when a run overfit or diverged; empty otherwise."""
     overfit = [f.title for f in fits if f.verdict == OVERFIT]
     diverged = [f.title for f in fits if f.verdict == DIVERGED]
     if not overfit and not diverged:
@@ -196,9 +251,9 @@ def fit_warning(fits: Sequence[Fit]) -> str:
     parts = []
     if overfit:
         parts.append(f"{_join(overfit)} ended more than {OVERFIT_RATIO - 1:.0%} above "
-                     f"{'its' if len(overfit) == 1 else 'their'} best validation perplexity at L'")
+                     f"{'its' if len(overfit) == 1 else 'their'} best validation perplexity")
     if diverged:
-        parts.append(f"{_join(diverged)} ended with a validation perplexity at L' that is not finite")
+        parts.append(f"{_join(diverged)} ended with a validation perplexity that is not finite")
     flagged = len(overfit) + len(diverged)
     return (f"**Caution:** {'; '.join(parts)} (see \"Overfitting check\"). The verdicts compare final checkpoints, as "
             f"the paper does; for {'this run' if flagged == 1 else 'these runs'} the final checkpoint says more about "

@@ -158,6 +158,9 @@ def test_validation_and_its_checkpoint_come_every_n_optimizer_steps_with_gradien
                 "trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=0", "register_base=false"))
     assert [step for name, step in events if name == "validation"] == [2, 4]
     assert [step for name, step in events if name == "last.ckpt"] == [2, 4]
+    # The reproduction report reads the validation curve back from the CSV log at the same steps.
+    from reproduction.report import metrics_curve
+    assert [step for step, _ in metrics_curve(tmp_path / "logs" / "metrics.csv")] == [2, 4]
     assert events.index(("validation", 4)) < events.index(("last.ckpt", 4))  # the final one after the final validation
 
 

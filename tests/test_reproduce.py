@@ -116,16 +116,67 @@ def test_a_fine_tune_that_ends_well_above_its_best_validation_step_is_marked_ove
     assert (fits["spike"].final_ppl, fits["spike"].best_step) == (70.0, 300)
     assert (fits["blown up"].final_ppl, fits["blown up"].best_ppl) == (None, 60.0)
 
-    table = fit_section(list(fits.values()), 2048)
-    assert "| FT, 2000 steps | 17.00 | 1.30 | 70.70 (step 250) | 1.14e+03 | 16.12 | **overfit** |" in table
-    assert "| blown up | - | - | 60.00 (step 100) | - | - | **diverged** |" in table
-    assert "| never evaluated | - | - | - | - | - | no curve |" in table
+    table = fit_section(list(fits.values()), 256, 2048)
+    assert "| FT, 2000 steps | L' | 17.00 | 1.30 | 70.70 (step 250) | 1.14e+03 | 16.12 | **overfit** |" in table
+    assert "| blown up | L' | - | - | 60.00 (step 100) | - | - | **diverged** |" in table
+    assert "| never evaluated | L' | - | - | - | - | - | no curve |" in table
     warning = fit_warning(list(fits.values()))
     assert warning.startswith("**Caution:** FT, 2000 steps and just over ended more than 10% above their best")
-    assert "blown up ended with a validation perplexity at L' that is not finite" in warning
+    assert "blown up ended with a validation perplexity that is not finite" in warning
     assert "PI, 200 steps" not in warning and "these runs" in warning
     assert "this run " in fit_warning([fits["FT, 2000 steps"]])
     assert fit_warning([fits["PI, 200 steps"], fits["never evaluated"]]) == ""
+
+
+def test_the_base_is_judged_from_its_training_log(tmp_path: Path) -> None:
+    """The base has no by-step table: its curve is the val/ppl column of Lightning's metrics.csv."""
+    from reproduction.report import DIVERGED, FIT, OVERFIT, fit_section, judge_fit, metrics_curve
+
+    log = tmp_path / "metrics.csv"
+    # Lightning writes training and validation rows apart; validation after optimizer step 100 says step 99.
+    log.write_text("epoch,step,train/loss,train/ppl,val/loss,val/ppl\n"
+                   "0,9,6.0,403.4,,\n0,99,,,4.2,66.7\n0,199,4.0,54.6,,\n0,199,,,3.9,49.4\n1,299,,,4.0,54.6\n")
+    assert metrics_curve(log) == [(100, 66.7), (200, 49.4), (300, 54.6)]
+    base = judge_fit("base", 128, metrics_curve(log), 6.4, 9.7)
+    assert (base.verdict, base.best_step, base.best_ppl, base.final_ppl) == (OVERFIT, 200, 49.4, 54.6)  # 10.5% up
+    assert "| base | L | 6.40 | 9.70 | 49.40 (step 200) | 54.60 | 1.11 | **overfit** |" in fit_section([base], 128, 1024)
+    log.write_text(log.read_text() + "1,399,,,inf,inf\n")
+    assert judge_fit("base", 128, metrics_curve(log), None, None).verdict == DIVERGED
+    assert metrics_curve(tmp_path / "missing.csv") == []
+    log.write_text("epoch,step,val/ppl\n0,99,50.0\n0,199,54.0\n")
+    assert judge_fit("base", 128, metrics_curve(log), None, None).verdict == FIT  # 8% up
+
+
+def test_inside_window_rows_compress_the_base_step_by_step_and_quote_the_answers(tmp_path: Path) -> None:
+    from reproduction.pipeline import BASE_ROW, Reproduction, Stage
+    from reproduction.report import inside_window_section
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}"]))
+    for stage in ("pi", "pi_long", "ft", "ft_long"):
+        run.stages[stage] = Stage(stage, f"{stage} title", [])
+    rows = run.inside_window_variants()
+    base = str(run.checkpoint("base"))
+    assert rows[0] == {"name": BASE_ROW, "ckpt": base}
+    assert [r["position"] for r in rows[1:4]] == [{"kind": "pi", "scale": s} for s in (2, 4, 8)]
+    assert all(r["ckpt"] == base for r in rows[1:4])
+    assert [r["name"] for r in rows[4:]] == ["ft title", "ft_long title", "pi title", "pi_long title"]
+    assert "position" not in rows[4]  # a fine-tune is read with its own encoding
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        odd = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}", "scale=6"]))
+    odd.stages = run.stages
+    assert [r["position"]["scale"] for r in odd.inside_window_variants()[1:4]] == [2, 4, 6]
+
+    def result(answer: str, ok: bool) -> dict:
+        return {"k_max": 60 if ok else 0, "distances": [36, 60], "success_rates": [1.0 if ok else 0.0, 0.5],
+                "answers": [[answer, "x"], ["y", "z"]], "successes": [[ok, False], [False, True]]}
+
+    text = inside_window_section({BASE_ROW: result("52445.", True),
+                                  "base read with PI at scale 2, no fine-tuning": result("The grass is\ngreen. The sky is blue. The sun", False)},
+                                 128, 10, 16)
+    assert f"| {BASE_ROW} | 60 | 60 | 0.75 | \"52445.\" (right) |" in text
+    assert '| base read with PI at scale 2, no fine-tuning | 60 | 0 | 0.25 | "The grass is green. The..." (wrong) |' in text
+    assert inside_window_section({"never answered": {**result("", False), "answers": []}}, 128, 10, 16).endswith(" | - |")
 
 
 def test_the_long_fine_tunes_are_also_read_at_their_best_validation_step_when_it_came_before_the_last(tmp_path: Path) -> None:
@@ -169,6 +220,23 @@ def test_every_budget_composes_into_valid_training_configs(budget: str) -> None:
                 f"data.passkey_share={cfg.budget.passkey_share}", *([f"model.max_seq_len={b.window}"] if b.get("window") else []),
             ])
             validate(train_cfg)
+
+
+def test_the_base_is_evaluated_by_step_only_where_the_budget_asks(tmp_path: Path) -> None:
+    """GPU: the pretraining curve at L says when the base retrieves and when it overfits. CPU: no new
+    override, so the committed CPU report's base (and every fine-tune built on it) stays reusable."""
+    from reproduction.pipeline import Reproduction
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        gpu = Reproduction(compose(config_name="reproduce", overrides=["budget=gpu", f"work_dir={tmp_path}"]))
+        cpu = Reproduction(compose(config_name="reproduce", overrides=["budget=cpu", f"work_dir={tmp_path}"]))
+    assert gpu._pretrain_eval() == ["eval.every_n_steps=250", "eval.windows=[256]", "eval.max_documents=3",
+                                    "eval.passkey_trials=5"]
+    assert cpu._pretrain_eval() == []
+    assert cpu.base_by_step() is None and gpu.base_by_step() is None  # no run yet
+    (tmp_path / "runs" / "base").mkdir(parents=True)
+    (tmp_path / "runs" / "base" / "eval_by_step.json").write_text('[{"step": 0, "ppl_256": 4000.0}]')
+    assert gpu.base_by_step() == [{"step": 0, "ppl_256": 4000.0}] and cpu.base_by_step() is None
 
 
 def test_a_finished_stage_is_reused_until_its_settings_or_its_base_change(tmp_path: Path, monkeypatch) -> None:
@@ -215,8 +283,9 @@ def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     text = (report / "README.md").read_text()
-    for section in ("## Claims", "Table 1 analog", "Table 3 analog", "Table 4 analog", "Ablation beyond the paper",
-                    "Figure 2 analog"):
+    for section in ("## Claims", "## Overfitting check", "| RoPE base at L = 128 | L |", "## The base by pretraining step", "Table 1 analog", "Table 3 analog",
+                    "Table 4 analog", "## Passkey inside L", "| base read with PI at scale 8, no fine-tuning |",
+                    "Ablation beyond the paper", "Figure 2 analog"):
         assert section in text
     for figure in ("ppl_by_window.png", "by_step.png", "passkey.png", "figure2_fit.png", "by_step_ablation.png"):
         assert (report / figure).stat().st_size > 1000
