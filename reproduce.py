@@ -76,17 +76,18 @@ def reproduce(cfg: DictConfig) -> Path:
         ablation["stages"] = ablation_stages
     # Prompts of L tokens: the base's own retrieval (claim 4 needs it), what PI's compression alone does to it,
     # and what the four fine-tunes keep of it.
-    inside = run.evaluate("inside_window", ["passkey"], run.inside_window_variants(), **{"passkey.window": run.window})
+    inside = run.evaluate("inside_window", ["ppl", "passkey"], run.inside_window_variants(),
+                          **{"passkey.window": run.window, "ppl.windows": f"[{run.window}]"})
     attention = run.evaluate("attention", ["attention"], [base])
     timings = {name: stage.seconds for name, stage in run.stages.items()}
     timings["evaluation"] = time.perf_counter() - evaluated
     timings["total"] = sum(timings.values())  # each stage's own run time, also when reused from an earlier call
-    return write_report(cfg, run, extensions, inside["passkey"], attention, timings, ablation)
+    return write_report(cfg, run, extensions, inside, attention, timings, ablation)
 
 
 def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: dict[str, Any],
                  attention: dict[str, Any], timings: dict[str, float], ablation: dict[str, Any] | None = None) -> Path:
-    """`inside`: passkey results at window L by row name (run.inside_window_variants)."""
+    """`inside`: the evaluation of run.inside_window_variants (passkey at window L, perplexity at L)."""
     from evaluation import report as tables
     from model.checkpoints import atomic_directory
     from reproduction import report
@@ -94,7 +95,7 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: 
     from reproduction.pipeline import BASE_ROW, NO_FINE_TUNING, device_description
 
     L, long_window, windows = run.window, run.long_window, run.windows
-    base_passkey = inside[BASE_ROW]
+    base_passkey = inside["passkey"][BASE_ROW]
     stages = run.stages
     pi, ft, ft_long = stages["pi"].title, stages["ft"].title, stages["ft_long"].title
     ppl = extensions["ppl_table"]
@@ -205,7 +206,7 @@ largest k such that every k' <= k succeeds in at least 20% of the trials. The pa
 
 ## Passkey inside L: the base, PI's compression alone, and the fine-tunes
 
-{report.inside_window_section(inside, L, budget['passkey_trials'], budget['passkey_positions'])}
+{report.inside_window_section(inside["passkey"], inside["ppl_table"], L, budget['passkey_trials'], budget['passkey_positions'])}
 
 {ablation_text}## Figure 2 analog: attention-score bounds
 
@@ -223,7 +224,7 @@ Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not
             "command": command, "date": today, "device": device, "settings": OmegaConf.to_container(cfg, resolve=True),
             "timings_s": timings, "stages": {s.name: {"title": s.title, "command": s.command, "summary": _relative(s.summary)}
                                              for s in stages.values()},
-            "ppl": ppl, "passkey": extensions["passkey"], "passkey_base_at_L": base_passkey, "passkey_inside_L": inside, "by_step": by_step,
+            "ppl": ppl, "passkey": extensions["passkey"], "passkey_base_at_L": base_passkey, "passkey_inside_L": inside["passkey"], "ppl_inside_L": inside["ppl_table"], "by_step": by_step,
             "attention": attention["attention"], "claims": [c.__dict__ for c in claims],
             "fit": [f.__dict__ for f in fits], "base_by_step": run.base_by_step(),
             **({"ablation_long_passkey": ablation_json} if ablation_json is not None else {}),

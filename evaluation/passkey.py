@@ -53,6 +53,7 @@ class PasskeyResult:
     successes: list[list[bool]]
     threshold: float = DEFAULT_THRESHOLD
     answers: list[list[str]] = field(default_factory=list)
+    keys: list[list[str]] = field(default_factory=list)  # the key of each trial, as in `successes`
 
     @property
     def success_rates(self) -> list[float]:
@@ -75,6 +76,7 @@ class PasskeyResult:
             "success_rates": self.success_rates,
             "successes": self.successes,
             "answers": self.answers,
+            "keys": self.keys,
         }
 
 
@@ -131,4 +133,4 @@ def run_passkey(
                 row_ok.append(text.startswith(key))
         successes.append(row_ok)
         answers.append(row_text)
-    return PasskeyResult(window, length, distances, successes, threshold, answers)
+    return PasskeyResult(window, length, distances, successes, threshold, answers, keys[: len(distances)])

@@ -71,27 +71,43 @@ def passkey_section(results: Mapping[str, Mapping[str, Any]], base_name: str, ba
     return tables.markdown_table(["model", "window", "largest k tested", "k_max", "mean success"], rows)
 
 
-def inside_window_section(results: Mapping[str, Mapping[str, Any]], window: int, trials: int, positions: int) -> str:
-    """Passkey prompts of L tokens for the base, the base read with PI at growing scales, and the fine-tunes."""
-    rows = [[name, r["distances"][-1], r["k_max"], f"{_mean(r['success_rates']):.2f}", _first_answer(r)]
+def inside_window_section(results: Mapping[str, Mapping[str, Any]], ppl: Mapping[str, Mapping[int, float]], window: int,
+                          trials: int, positions: int) -> str:
+    """Passkey prompts of L tokens (and perplexity at L) for the base, the base read with PI at growing
+    scales, and the fine-tunes."""
+    rows = [[name, _ppl_cell(ppl.get(name, {}).get(window)), r["distances"][-1], r["k_max"],
+             f"{_mean(r['success_rates']):.2f}", _digits_in_place(r), _first_answer(r)]
             for name, r in results.items()]
     return (f"Beyond the paper, which reports no such table. Prompts of L = {window} tokens, so no key is further back, "
-            f"in tokens, than in pretraining; {trials} keys at each of up to {positions} distances. The rows \"base read with "
-            "PI\" compress the base's positions and nothing else: no weight has changed. The fine-tunes are read with "
-            "their own encoding. A row with k_max 0 here already fails at the shortest distance inside L, so its "
-            "failure at L' is not about the distance alone.\n\n"
-            + tables.markdown_table(["model", "largest k tested", "k_max", "mean success",
-                                     "answer to the first key at the shortest k"], rows))
+            f"in tokens, than in pretraining; {trials} keys at each of up to {positions} distances, and perplexity at "
+            f"L on the test plays. The rows \"base read with PI\" compress the base's positions and nothing else: no "
+            "weight has changed. The fine-tunes are read with their own encoding. A row with k_max 0 here already "
+            "fails at the shortest distance inside L, so its failure at L' is not about the distance alone. \"Digits "
+            "in place\" is the share of the key's five digits that a wrong answer has in the right place (about 0.1 "
+            "for a random number): high values are near-copies of the key.\n\n"
+            + tables.markdown_table(["model", "ppl at L", "largest k tested", "k_max", "mean success",
+                                     "wrong answers: digits in place", "answer to the first key at the shortest k"], rows))
+
+
+def _digits_in_place(result: Mapping[str, Any]) -> str:
+    """Over the wrong answers: the share of the key's characters the answer has at the same index."""
+    pairs = [(str(answer).strip(), key) for answers, keys, ok in
+             zip(result.get("answers") or [], result.get("keys") or [], result.get("successes") or [])
+             for answer, key, right in zip(answers, keys, ok) if not right]
+    if not pairs:
+        return "-"
+    return f"{_mean([sum(a == b for a, b in zip(answer, key)) / len(key) for answer, key in pairs]):.2f}"
 
 
 def _first_answer(result: Mapping[str, Any]) -> str:
-    """The model's continuation for the first key at the shortest distance, quoted, marked right or wrong."""
-    answers, successes = result.get("answers"), result.get("successes")
+    """The model's continuation for the first key at the shortest distance, quoted, with the key, marked right or wrong."""
+    answers, successes, keys = result.get("answers"), result.get("successes"), result.get("keys")
     if not answers or not answers[0]:
         return "-"
     text = " ".join(str(answers[0][0]).split())  # newlines would break the table row
     text = text if len(text) <= 24 else text[:23] + "..."
-    return f"\"{text}\" ({'right' if successes[0][0] else 'wrong'})"
+    key = f" for {keys[0][0]}" if keys and keys[0] else ""
+    return f"\"{text}\"{key} ({'right' if successes[0][0] else 'wrong'})"
 
 
 def success_within_and_beyond(result: Mapping[str, Any], window: int) -> tuple[float | None, float | None]:
@@ -221,8 +237,7 @@ def metrics_curve(path: Path) -> list[tuple[int, float | None]]:
 
 
 def fit_section(fits: Sequence[Fit], window: int, long_window: int) -> str:
-    def ppl(value: float | None) -> str:
-        return "-" if value is None else tables.format_ppl(value)
+    ppl = _ppl_cell
 
     def at(fit: Fit) -> str:
         return "L" if fit.window == window else ("L'" if fit.window == long_window else str(fit.window))
@@ -258,6 +273,11 @@ def fit_warning(fits: Sequence[Fit]) -> str:
     return (f"**Caution:** {'; '.join(parts)} (see \"Overfitting check\"). The verdicts compare final checkpoints, as "
             f"the paper does; for {'this run' if flagged == 1 else 'these runs'} the final checkpoint says more about "
             "the training than about the position encoding.\n\n")
+
+
+def _ppl_cell(value: float | None) -> str:
+    """A perplexity for a table cell; "-" where there is none (format_ppl would print inf)."""
+    return "-" if value is None else tables.format_ppl(value)
 
 
 def _finite(value: Any) -> bool:

@@ -232,9 +232,12 @@ def test_passkey_grid_and_k_max_from_an_oracle_that_sees_only_the_last_tokens(to
     """A stand-in decoder that answers correctly only when the key is among the last 120 prompt tokens."""
     reach = 120
 
+    in_prompts = []
+
     def oracle(model, prompts, n_new):
         answers = []
         for prompt in prompts.tolist():
+            in_prompts.append(re.search(r"(\d{5})\. Remember", tokenizer.decode(prompt)).group(1))
             found = re.search(r"(\d{5})\. Remember", tokenizer.decode(prompt[-reach:]))  # the key's first occurrence
             answer = tokenizer.encode(found.group(1) if found else "00000", bos=False)
             answers.append((answer + [tokenizer.eos_id] * n_new)[:n_new])
@@ -247,6 +250,7 @@ def test_passkey_grid_and_k_max_from_an_oracle_that_sees_only_the_last_tokens(to
     assert result.distances[-1] > reach
     assert result.success_rates == [1.0 if d <= reach else 0.0 for d in result.distances]
     assert result.k_max == max(d for d in result.distances if d <= reach)
+    assert [key for row in result.keys for key in row] == in_prompts  # the key each prompt hid, trial by trial
 
 
 def test_passkey_runs_on_a_real_tiny_model(tokenizer):

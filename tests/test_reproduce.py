@@ -158,25 +158,34 @@ def test_inside_window_rows_compress_the_base_step_by_step_and_quote_the_answers
     rows = run.inside_window_variants()
     base = str(run.checkpoint("base"))
     assert rows[0] == {"name": BASE_ROW, "ckpt": base}
-    assert [r["position"] for r in rows[1:4]] == [{"kind": "pi", "scale": s} for s in (2, 4, 8)]
-    assert all(r["ckpt"] == base for r in rows[1:4])
-    assert [r["name"] for r in rows[4:]] == ["ft title", "ft_long title", "pi title", "pi_long title"]
-    assert "position" not in rows[4]  # a fine-tune is read with its own encoding
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        odd = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}", "scale=6"]))
-    odd.stages = run.stages
-    assert [r["position"]["scale"] for r in odd.inside_window_variants()[1:4]] == [2, 4, 6]
+    assert [r["position"] for r in rows[1:7]] == [{"kind": "pi", "scale": s} for s in (1.05, 1.1, 1.25, 2, 4, 8)]
+    assert all(r["ckpt"] == base for r in rows[1:7])
+    assert [r["name"] for r in rows[7:]] == ["ft title", "ft_long title", "pi title", "pi_long title"]
+    assert "position" not in rows[7]  # a fine-tune is read with its own encoding
+    for scale, expected in (("6", [1.05, 1.1, 1.25, 2, 4, 6]), ("1.1", [1.05, 1.1])):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            odd = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}", f"scale={scale}"]))
+        odd.stages = run.stages
+        assert [r["position"]["scale"] for r in odd.inside_window_variants() if "position" in r] == expected
 
-    def result(answer: str, ok: bool) -> dict:
-        return {"k_max": 60 if ok else 0, "distances": [36, 60], "success_rates": [1.0 if ok else 0.0, 0.5],
-                "answers": [[answer, "x"], ["y", "z"]], "successes": [[ok, False], [False, True]]}
+    def result(answers: list[list[str]], keys: list[list[str]]) -> dict:
+        successes = [[a.startswith(k) for a, k in zip(row, key_row)] for row, key_row in zip(answers, keys)]
+        rates = [sum(row) / len(row) for row in successes]
+        return {"k_max": 60 if all(r >= 0.2 for r in rates) else 0, "distances": [36, 60], "success_rates": rates,
+                "answers": answers, "successes": successes, "keys": keys}
 
-    text = inside_window_section({BASE_ROW: result("52445.", True),
-                                  "base read with PI at scale 2, no fine-tuning": result("The grass is\ngreen. The sky is blue. The sun", False)},
-                                 128, 10, 16)
-    assert f"| {BASE_ROW} | 60 | 60 | 0.75 | \"52445.\" (right) |" in text
-    assert '| base read with PI at scale 2, no fine-tuning | 60 | 0 | 0.25 | "The grass is green. The..." (wrong) |' in text
-    assert inside_window_section({"never answered": {**result("", False), "answers": []}}, 128, 10, 16).endswith(" | - |")
+    keys = [["52445", "10981"], ["67767", "25315"]]
+    base_row = result([["52445.", "10981."], ["67767.", "25315."]], keys)
+    # Near-copies with 4, 3 and 3 of 5 digits in place; a non-digit answer has none.
+    compressed = result([["The grass is\ngreen. The sky is blue. The sun", "10991"], ["77667", "53315"]], keys)
+    text = inside_window_section({BASE_ROW: base_row, "base read with PI at scale 2, no fine-tuning": compressed},
+                                 {BASE_ROW: {128: 41.1}, "base read with PI at scale 2, no fine-tuning": {128: 77.13}}, 128, 10, 16)
+    assert f"| {BASE_ROW} | 41.10 | 60 | 60 | 1.00 | - | \"52445.\" for 52445 (right) |" in text
+    assert ('| base read with PI at scale 2, no fine-tuning | 77.13 | 60 | 0 | 0.00 | 0.50 | '
+            '"The grass is green. The..." for 52445 (wrong) |') in text  # (0 + 4 + 3 + 3) / 4 / 5
+    old = {k: v for k, v in compressed.items() if k != "keys"}  # a results.json written before keys were kept
+    assert inside_window_section({"old": old}, {}, 128, 10, 16).endswith('| old | - | 60 | 0 | 0.00 | - | "The grass is green. The..." (wrong) |')
+    assert inside_window_section({"never answered": {**old, "answers": []}}, {}, 128, 10, 16).endswith(" | - |")
 
 
 def test_the_long_fine_tunes_are_also_read_at_their_best_validation_step_when_it_came_before_the_last(tmp_path: Path) -> None:
