@@ -90,9 +90,14 @@ def inside_window_section(results: Mapping[str, Mapping[str, Any]], ppl: Mapping
 
 
 def _digits_in_place(result: Mapping[str, Any]) -> str:
-    """Over the wrong answers: the share of the key's characters the answer has at the same index."""
-    pairs = [(str(answer).strip(), key) for answers, keys, ok in
-             zip(result.get("answers") or [], result.get("keys") or [], result.get("successes") or [])
+    """Over the wrong answers: the share of the key's characters the answer has at the same index.
+
+    At most (len(key) - 1) / len(key) for a wrong answer (all in place would be right); "-" where
+    every answer was right, "n/a" for results written before the keys were kept.
+    """
+    if not result.get("keys"):
+        return "n/a"
+    pairs = [(str(answer).strip(), key) for answers, keys, ok in zip(result["answers"], result["keys"], result["successes"])
              for answer, key, right in zip(answers, keys, ok) if not right]
     if not pairs:
         return "-"

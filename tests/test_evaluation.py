@@ -251,6 +251,12 @@ def test_passkey_grid_and_k_max_from_an_oracle_that_sees_only_the_last_tokens(to
     assert result.success_rates == [1.0 if d <= reach else 0.0 for d in result.distances]
     assert result.k_max == max(d for d in result.distances if d <= reach)
     assert [key for row in result.keys for key in row] == in_prompts  # the key each prompt hid, trial by trial
+    assert result.to_dict()["keys"] == result.keys
+    # A short range gives fewer distances than asked for: one row of keys per distance tested, not per position asked.
+    in_prompts.clear()
+    few = run_passkey(model, tokenizer, window=180, num_positions=30, trials=2, seed=1)
+    assert len(few.distances) < 30 and len(few.keys) == len(few.distances) == len(few.successes)
+    assert [key for row in few.keys for key in row] == in_prompts
 
 
 def test_passkey_runs_on_a_real_tiny_model(tokenizer):

@@ -178,13 +178,16 @@ def test_inside_window_rows_compress_the_base_step_by_step_and_quote_the_answers
     base_row = result([["52445.", "10981."], ["67767.", "25315."]], keys)
     # Near-copies with 4, 3 and 3 of 5 digits in place; a non-digit answer has none.
     compressed = result([["The grass is\ngreen. The sky is blue. The sun", "10991"], ["77667", "53315"]], keys)
-    text = inside_window_section({BASE_ROW: base_row, "base read with PI at scale 2, no fine-tuning": compressed},
+    # Right answers do not count; a short wrong answer is scored out of the key's length: "1098" 4 of 5, "33." 0.
+    mixed = result([["52445.", "1098"], ["67767", "33."]], keys)
+    text = inside_window_section({BASE_ROW: base_row, "base read with PI at scale 2, no fine-tuning": compressed, "mixed": mixed},
                                  {BASE_ROW: {128: 41.1}, "base read with PI at scale 2, no fine-tuning": {128: 77.13}}, 128, 10, 16)
     assert f"| {BASE_ROW} | 41.10 | 60 | 60 | 1.00 | - | \"52445.\" for 52445 (right) |" in text
     assert ('| base read with PI at scale 2, no fine-tuning | 77.13 | 60 | 0 | 0.00 | 0.50 | '
             '"The grass is green. The..." for 52445 (wrong) |') in text  # (0 + 4 + 3 + 3) / 4 / 5
+    assert '| mixed | - | 60 | 60 | 0.50 | 0.40 | "52445." for 52445 (right) |' in text  # (4 + 0) / 2 / 5
     old = {k: v for k, v in compressed.items() if k != "keys"}  # a results.json written before keys were kept
-    assert inside_window_section({"old": old}, {}, 128, 10, 16).endswith('| old | - | 60 | 0 | 0.00 | - | "The grass is green. The..." (wrong) |')
+    assert inside_window_section({"old": old}, {}, 128, 10, 16).endswith('| old | - | 60 | 0 | 0.00 | n/a | "The grass is green. The..." (wrong) |')
     assert inside_window_section({"never answered": {**old, "answers": []}}, {}, 128, 10, 16).endswith(" | - |")
 
 
