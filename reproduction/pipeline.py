@@ -203,13 +203,17 @@ class Reproduction:
         record = self.work / "runs" / stage / "reproduce_stage.json"
         return hashlib.sha256(record.read_bytes()).hexdigest()[:16]
 
+    def by_step_path(self, stage: str) -> Path:
+        """Where the ExtensionEvalCallback writes a stage's by-step rows."""
+        return self.work / "runs" / stage / "eval_by_step.json"
+
     def by_step(self, stage: str) -> list[dict[str, Any]]:
         """The rows the ExtensionEvalCallback wrote during a stage (validation split)."""
-        return json.loads((self.work / "runs" / stage / "eval_by_step.json").read_text())
+        return json.loads(self.by_step_path(stage).read_text())
 
     def base_by_step(self) -> list[dict[str, Any]] | None:
         """The base's by-step rows at L, where the budget evaluated its pretraining; None otherwise."""
-        if not self.budget.get("pretrain_eval_every_n_steps") or not (self.work / "runs" / "base" / "eval_by_step.json").is_file():
+        if not self.budget.get("pretrain_eval_every_n_steps") or not self.by_step_path("base").is_file():
             return None
         return self.by_step("base")
 

@@ -242,13 +242,11 @@ def metrics_curve(path: Path) -> list[tuple[int, float | None]]:
 
 
 def fit_section(fits: Sequence[Fit], window: int, long_window: int) -> str:
-    ppl = _ppl_cell
-
     def at(fit: Fit) -> str:
         return "L" if fit.window == window else ("L'" if fit.window == long_window else str(fit.window))
 
-    rows = [[f.title, at(f), "-" if f.passes is None else f"{f.passes:.2f}", ppl(f.train_ppl),
-             "-" if f.best_ppl is None else f"{ppl(f.best_ppl)} (step {f.best_step})", ppl(f.final_ppl),
+    rows = [[f.title, at(f), "-" if f.passes is None else f"{f.passes:.2f}", _ppl_cell(f.train_ppl),
+             "-" if f.best_ppl is None else f"{_ppl_cell(f.best_ppl)} (step {f.best_step})", _ppl_cell(f.final_ppl),
              "-" if f.final_ppl is None or f.best_ppl is None else f"{f.final_ppl / f.best_ppl:.2f}",
              f"**{f.verdict}**" if f.verdict in (OVERFIT, DIVERGED) else f.verdict]
             for f in fits]
