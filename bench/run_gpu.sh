@@ -8,21 +8,30 @@
 #   mkdir -p .whl && cp ../shared/gpu-wheels/*.whl .whl/
 # Then the device tool (an H200: the 7B rows need about 115 GiB):
 #   run(command="bash bench/run_gpu.sh", carry=[".whl"], timeout_s=600, kind="nvidia-h200")
-# A rerun can pick steps, e.g. `bash bench/run_gpu.sh bench` (any of: tests bench fsdp compile reproduce),
+# A rerun can pick steps, e.g. `bash bench/run_gpu.sh bench` (any of: tests bench fsdp compile reproduce ops),
 # move the caps (RUN_GPU_CAPS="bench=320 fsdp=150") and pass the benchmark arguments
 # (RUN_GPU_BENCH_ARGS="--windows 131072").
 #
-# Issue 7 needs a call of its own (not in the default steps): `bash bench/run_gpu.sh reproduce` runs
-# `python reproduce.py budget=gpu` (RUN_GPU_REPRODUCE_ARGS replaces `budget=gpu`) and brings the report back
-# in $OUT/reproduction-gpu (copy it to results/reproduction-gpu) with each stage's training curves in
-# $OUT/reproduction-records; its checkpoints stay on the machine.
+# Issue 7 needs calls of its own (not in the default steps): `bash bench/run_gpu.sh reproduce` runs
+# `python reproduce.py budget=gpu` (RUN_GPU_REPRODUCE_ARGS replaces `budget=gpu`) and brings back one archive,
+# $OUT/reproduction-gpu.tgz (the device tool returns at most 8 files): the report in report/, each stage's
+# records (runs/STAGE/{summary,reproduce_stage,eval_by_step}.json, runs/STAGE/logs/metrics.csv) and each
+# finished evaluation's files in eval/, so a run cut short still returns what it finished. The checkpoints
+# stay on the machine. At commit 9cd9a49 budget=gpu needed more than 11 minutes on an H200 (647 s for its
+# stages and first evaluation alone), more than one call's 600 s. It now pretrains half as long, and no stage
+# uses activation checkpointing; it may fit. When a call is cut, make the same call again at once, while the
+# machine is warm (it is released after 30 s idle): the second call reuses the finished stages (a stage cut
+# midway starts over) and the wheels the first call installed. The step `ops` (bench/ops_per_step.py, about
+# 20 s) measures what turning checkpointing off saves: `bash bench/run_gpu.sh ops reproduce`. Then, here
+# (a new folder: results/reproduction-gpu holds the committed H100 report that README cites):
+#   r=$(mktemp -d) && tar xzf FILES_AT/reproduction-gpu.tgz -C "$r" && cp -r "$r/report" results/gpu-CARD-DATE-reproduce
 #
 # The whole script keeps within RUN_GPU_BUDGET_S (default 575 s, under the device tool's 600 s limit):
 # each step has a cap (tests 75 s, bench 250 s, fsdp 150 s, compile the rest) and never eats the time
 # kept back for the steps after it (CAP and FLOOR below). The tables are rewritten under $OUT after every
 # row, so a step cut short still leaves what it measured. Files back in $OUT: test_gpu.log,
-# bench.{log,md,json}, fsdp.log, fsdp_gpu_mem.csv, compile.{log,md,json}, and cut.log / STEP.skipped
-# when a step was cut or not started.
+# bench.{log,md,json}, fsdp.log, fsdp_gpu_mem.csv, compile.{log,md,json}, ops.{md,log}, reproduce.log,
+# reproduction-gpu.{tgz,md}, and cut.log / STEP.skipped when a step was cut or not started.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-${TMPDIR:-/tmp}/bench-out}
@@ -33,18 +42,21 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Long windows allocate blocks of many sizes; expandable segments keep fragmentation from causing OOMs.
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
+site=${TMPDIR:-/tmp}/site
 if python3 -c "import hydra, omegaconf" 2>/dev/null; then
   export PYTHONPATH=$PWD
+elif PYTHONPATH=$site python3 -c "import hydra, omegaconf" 2>/dev/null; then
+  export PYTHONPATH="$site:$PWD"  # installed by an earlier call on this (still warm) machine
 else
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${TMPDIR:-/tmp}/site" .whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
     || { echo "run_gpu.sh: could not install .whl/*.whl (copy ../shared/gpu-wheels there and carry .whl)"; exit 2; }
-  export PYTHONPATH="${TMPDIR:-/tmp}/site:$PWD"
+  export PYTHONPATH="$site:$PWD"
 fi
 
 # Each step's cap (0: whatever is left) and the time kept back for it while earlier steps run, so that a
 # slow step cannot starve the ones after it. Defaults fit 575 s: tests 75, bench 250, fsdp 150, compile the rest.
-declare -A CAP=([tests]=75 [bench]=250 [fsdp]=150 [compile]=0 [reproduce]=0)
-declare -A FLOOR=([tests]=30 [bench]=120 [fsdp]=90 [compile]=60 [reproduce]=300)
+declare -A CAP=([tests]=75 [bench]=250 [fsdp]=150 [compile]=0 [reproduce]=0 [ops]=60)
+declare -A FLOOR=([tests]=30 [bench]=120 [fsdp]=90 [compile]=60 [reproduce]=300 [ops]=45)
 # A session with less device time left can move the caps, e.g. RUN_GPU_CAPS="bench=320 fsdp=150".
 for pair in ${RUN_GPU_CAPS:-}; do CAP[${pair%%=*}]=${pair#*=}; done
 # Extra arguments for the main benchmark, e.g. RUN_GPU_BENCH_ARGS="--windows 131072".
@@ -101,7 +113,7 @@ read -r -a planned <<< "$steps"
 for i in "${!planned[@]}"; do
   step=${planned[$i]}
   if [[ -z ${CAP[$step]+set} ]]; then
-    echo "run_gpu.sh: unknown step '$step' (tests, bench, fsdp, compile, reproduce)"; status=2; continue
+    echo "run_gpu.sh: unknown step '$step' (tests, bench, fsdp, compile, reproduce, ops)"; status=2; continue
   fi
   cap=$(allowance "$step" "${planned[@]:i+1}")
   if ((cap == 0)); then
@@ -131,22 +143,30 @@ for i in "${!planned[@]}"; do
       timeout -k 5 "$cap" python3 bench/gpu_train_throughput.py --suite compile --budget-s "$(row_budget "$cap" 40)" \
         --md compile.md 2>&1 | tee "$OUT/compile.log"
       rc=${PIPESTATUS[0]} ;;
+    ops)
+      # The reproduction model's step by activation-checkpointing mode: operations dispatched and time.
+      timeout -k 5 "$cap" python3 bench/ops_per_step.py --device cuda --steps 20 2> "$OUT/ops.log" | tee "$OUT/ops.md"
+      rc=${PIPESTATUS[0]} ;;
     reproduce)
       # A work folder inside the checkout (git-ignored) and named relative to it, so that the report's
       # commands name no machine's folders; the checkpoints stay there, on the machine.
       work=${RUN_GPU_REPRODUCE_WORK:-outputs/reproduce/device}
+      # Stages are reused, evaluations are not: clear an earlier call's report and evaluations, so that a call
+      # cut short never packs them as its own.
+      rm -rf "$work/report" "$work/eval"
       timeout -k 5 "$cap" python3 reproduce.py "${reproduce_args[@]}" "work_dir=$work" \
-        "report_dir=$OUT/reproduction-gpu" > "$OUT/reproduce.log" 2>&1
+        "report_dir=$work/report" > "$OUT/reproduce.log" 2>&1
       rc=$?
       grep -E "\[reproduce\]|stage|report written|Error|error" "$OUT/reproduce.log" | tail -n 40
-      # Each stage's small records (training curves, summaries; no checkpoints), flat as STAGE__FILE: the
-      # train-loss curves behind the report, and all that is left of a run cut short before its report.
-      mkdir -p "$OUT/reproduction-records"
-      for run in "$work"/runs/*/; do
-        for file in summary.json reproduce_stage.json eval_by_step.json logs/metrics.csv; do
-          [ -f "$run$file" ] && cp "$run$file" "$OUT/reproduction-records/$(basename "$run")__${file##*/}"
-        done
-      done ;;
+      # One archive, also of a run cut short: the report, every finished evaluation, and each stage's small
+      # records (the training curves behind the report); no checkpoints.
+      if [ -d "$work" ]; then
+        ( cd "$work" && { find report eval -type f ! -name '*.ckpt' 2>/dev/null
+          for file in runs/*/summary.json runs/*/reproduce_stage.json runs/*/eval_by_step.json runs/*/logs/metrics.csv; do
+            [ -f "$file" ] && echo "$file"
+          done; } ) | tar czf "$OUT/reproduction-gpu.tgz" -C "$work" -T -
+      fi
+      [ -f "$work/report/README.md" ] && cp "$work/report/README.md" "$OUT/reproduction-gpu.md" ;;
   esac
   if ((rc == 124 || rc == 137)); then
     echo "run_gpu.sh: step '$step' was cut at its ${cap}s limit" | tee -a "$OUT/cut.log"
@@ -159,8 +179,8 @@ echo; echo "=================== summary"
 grep -E "passed|failed|error|skipped|PASSED|FAILED|ERROR" "$OUT/test_gpu.log" 2>/dev/null | tail -n 12
 grep -E "^fsdp:|done in|Error|error:" "$OUT/fsdp.log" 2>/dev/null | grep -v "metrics.csv" | tail -n 6
 cat "$OUT/cut.log" "$OUT"/*.skipped 2>/dev/null
-[ -f "$OUT/reproduction-gpu/README.md" ] && { echo; head -n 40 "$OUT/reproduction-gpu/README.md"; }
-for table in bench.md compile.md; do
+[ -f "$OUT/reproduction-gpu.md" ] && { echo; head -n 40 "$OUT/reproduction-gpu.md"; }
+for table in bench.md compile.md ops.md; do
   [ -f "$OUT/$table" ] && { echo; cat "$OUT/$table"; }
 done
 exit $status

@@ -106,3 +106,20 @@ def test_the_device_scripts_fsdp_step_trains_saves_sharded_and_resumes_on_cpu(tm
     steps = {int(row["step"]) for row in csv.DictReader(io.StringIO(table)) if row.get("train/loss")}
     assert steps == set(range(6))  # train/loss at steps 0-5: 4 steps, then 2 after the resume
     assert not (tmp_path / "fsdp-1.1b").exists()  # the ~26 GB of 1.1B checkpoints do not outlive the step
+
+
+def test_ops_per_step_counts_the_recomputation_that_activation_checkpointing_adds():
+    """bench/ops_per_step.py on the tiny model: full checkpointing runs every block's forward twice, so its
+    step dispatches more operations than without; the optimizer's part does not depend on the mode."""
+    spec = importlib.util.spec_from_file_location("ops_per_step", ROOT / "bench" / "ops_per_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.model_args("tiny", vocab_size=256, seq_len=64)
+    tokens = torch.randint(0, 256, (1, 65))
+    rows = {mode: module.measure(args, mode, tokens, torch.device("cpu"), steps=1) for mode in ("none", "mlp", "full")}
+    assert rows["none"]["model_ops"] < rows["mlp"]["model_ops"] < rows["full"]["model_ops"], rows
+    # The recomputed forward is the extra: between half and all of a forward's count again (the backward has
+    # none of it), so full checkpointing adds between 15% and 70% to the step's operations.
+    assert 1.15 < rows["full"]["model_ops"] / rows["none"]["model_ops"] < 1.7, rows
+    assert rows["none"]["optimizer_ops"] == rows["full"]["optimizer_ops"] > 0
+    assert all(row["ms"] > 0 for row in rows.values())

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -242,7 +243,7 @@ def test_the_base_is_evaluated_by_step_only_where_the_budget_asks(tmp_path: Path
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         gpu = Reproduction(compose(config_name="reproduce", overrides=["budget=gpu", f"work_dir={tmp_path}"]))
         cpu = Reproduction(compose(config_name="reproduce", overrides=["budget=cpu", f"work_dir={tmp_path}"]))
-    assert gpu._pretrain_eval() == ["eval.every_n_steps=250", "eval.windows=[256]", "eval.max_documents=3",
+    assert gpu._pretrain_eval() == ["eval.every_n_steps=125", "eval.windows=[256]", "eval.max_documents=3",
                                     "eval.passkey_trials=5"]
     assert cpu._pretrain_eval() == []
     assert cpu.base_by_step() is None and gpu.base_by_step() is None  # no run yet
@@ -317,28 +318,44 @@ def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_device_script(tmp_path: Path) -> None:
     """`bash bench/run_gpu.sh reproduce` (the lent GPU's call for this issue) with budget=gpu's trainer group
-    (bf16-mixed, activation checkpointing, chunked loss), the fused AdamW and bf16 evaluation, on the mini
-    budget's sizes and the CPU: the GPU's one reproduction call should not be the first run of that path."""
+    (bf16-mixed, chunked loss) and overrides (no activation checkpointing), the fused AdamW and bf16
+    evaluation, on the mini budget's sizes and the CPU: the GPU's reproduction call should not be the first
+    run of that path."""
     args = ('budget=mini budget.trainer=gpu budget.dtype=bfloat16 budget.long_passkey_ablation=false '
-            'budget.trainer_overrides=["trainer.accelerator=cpu","optim.fused=true"]')
+            'budget.trainer_overrides=["trainer.accelerator=cpu","optim.fused=true","trainer.activation_checkpointing=none"]')
     out = tmp_path / "out"
     env = {**os.environ, "PI_LLAMA_CACHE": str(tmp_path / "cache"), "OUT": str(out), "TMPDIR": str(tmp_path),
            "RUN_GPU_REPRODUCE_ARGS": args,
            "RUN_GPU_REPRODUCE_WORK": str(tmp_path / "reproduce-work")}
+    # An earlier call's evaluation on a warm machine: never packed as this call's.
+    stale = tmp_path / "reproduce-work" / "eval" / "from-an-earlier-call" / "results.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
     done = subprocess.run(["bash", "bench/run_gpu.sh", "reproduce"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + (out / "reproduce.log").read_text()[-3000:]
-    report = out / "reproduction-gpu"
+    # The device tool returns at most 8 files, none deeper than two folders: everything comes back packed in
+    # one archive, beside the log and the report's text.
+    back = sorted(path.name for path in out.iterdir())
+    assert back == ["reproduce.log", "reproduction-gpu.md", "reproduction-gpu.tgz"], back
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    with tarfile.open(out / "reproduction-gpu.tgz") as archive:
+        archive.extractall(unpacked, filter="data")
+    report = unpacked / "report"
     results = json.loads((report / "results.json").read_text())
     pi_command = results["stages"]["pi"]["command"]
     assert "trainer=gpu" in pi_command and "optim.fused=true" in pi_command
     assert len(results["claims"]) == 5
     text = (report / "README.md").read_text()
+    assert (out / "reproduction-gpu.md").read_text() == text
     # The report's command line can be pasted into a shell: the override with a list is quoted.
-    assert "'budget.trainer_overrides=[\"trainer.accelerator=cpu\",\"optim.fused=true\"]'" in text
-    # Only the report and each stage's small records come back from the device: the checkpoints stay in its
-    # work folder.
-    assert not list(out.rglob("*.ckpt")) and (tmp_path / "reproduce-work" / "runs" / "pi" / "checkpoints" / "last.ckpt").exists()
-    records = {path.name for path in (out / "reproduction-records").iterdir()}
+    assert "'budget.trainer_overrides=[\"trainer.accelerator=cpu\",\"optim.fused=true\",\"trainer.activation_checkpointing=none\"]'" in text
+    # Only the report, the evaluations' files and each stage's small records come back from the device: the
+    # checkpoints stay in its work folder.
+    assert not list(unpacked.rglob("*.ckpt")) and (tmp_path / "reproduce-work" / "runs" / "pi" / "checkpoints" / "last.ckpt").exists()
     for stage in ("base", "pi", "ft", "ft_long", "pi_long"):
-        assert {f"{stage}__metrics.csv", f"{stage}__summary.json"} <= records, sorted(records)
+        for record in ("summary.json", "reproduce_stage.json", "eval_by_step.json", "logs/metrics.csv"):
+            assert (unpacked / "runs" / stage / record).is_file(), (stage, record)
+    assert (unpacked / "eval" / "extensions" / "results.json").is_file()
+    assert not (unpacked / "eval" / "from-an-earlier-call").exists()
