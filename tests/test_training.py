@@ -47,6 +47,16 @@ def test_one_fast_step_for_every_position_type(cache_dir, tmp_path, kind):
     assert torch.isfinite(torch.tensor(result.metrics["train/loss"]))
 
 
+def test_the_summary_names_checkpoints_as_the_run_dir_is_named(cache_dir, tmp_path, monkeypatch):
+    """A relative run_dir gives relative checkpoint paths in summary.json, `best` as well as `last`
+    (Lightning makes the best path absolute): a summary copied off a machine names none of its folders."""
+    monkeypatch.chdir(tmp_path)
+    train(smoke(cache_dir, "run", "stage=pretrain", "optim.pretrain.max_steps=2"))
+    summary = OmegaConf.load(tmp_path / "run" / "summary.json")
+    assert summary.last == str(Path("run") / "checkpoints" / "last.ckpt")
+    assert summary.best == str(Path("run") / "checkpoints" / "best.ckpt") and Path(summary.best).is_file()
+
+
 def test_finetune_without_init_pretrains_and_caches_the_bundled_base_then_extends_it(cache_dir, tmp_path):
     cfg = smoke(cache_dir, tmp_path / "ft", "position=pi", "scale=4")
     assert not base_path(cfg).exists()

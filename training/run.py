@@ -120,6 +120,9 @@ def train(cfg: DictConfig) -> RunResult:
     # with its last step, and the best-model record inside it is current.
     trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # with optimizer state: resumable
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    # Lightning holds the path made absolute; name it as `last` is named (relative to the working directory
+    # when run_dir is), so that a summary copied off a machine names no folder of that machine.
+    best = str(checkpoints / Path(best).name) if best else ""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = RunResult(stage, run_dir, checkpoints / "last.ckpt", Path(best) if best else None, metrics)
     if trainer.is_global_zero:
