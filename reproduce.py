@@ -23,7 +23,6 @@ import datetime
 import logging
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,6 @@ def reproduce(cfg: DictConfig) -> Path:
     ablation_stages = run.long_passkey_ablation() if b.get("long_passkey_ablation", False) else []
 
     base = {"name": BASE_ROW, "ckpt": str(run.checkpoint("base"))}
-    evaluated = time.perf_counter()
     extensions = run.evaluate("extensions", ["ppl", "passkey"], run.extension_variants(),
                               **{"passkey.window": run.long_window})
     ablation = None
@@ -80,8 +78,9 @@ def reproduce(cfg: DictConfig) -> Path:
                           **{"passkey.window": run.window, "ppl.windows": f"[{run.window}]"})
     attention = run.evaluate("attention", ["attention"], [base])
     timings = {name: stage.seconds for name, stage in run.stages.items()}
-    timings["evaluation"] = time.perf_counter() - evaluated
-    timings["total"] = sum(timings.values())  # each stage's own run time, also when reused from an earlier call
+    # Each stage's and evaluation's own run time, also when reused from an earlier call.
+    timings["evaluation"] = sum(seconds for seconds, _ in run.evaluations.values())
+    timings["total"] = sum(timings.values())
     return write_report(cfg, run, extensions, inside, attention, timings, ablation)
 
 
@@ -147,7 +146,7 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: 
         verdicts = ", ".join(f"claim {c.number} {c.verdict}" for c in claims)
         text = f"""# Position Interpolation, reproduced at small scale ({budget['name']})
 
-`{command}` on {today}, {device}. Total {timings['total'] / 60:.1f} min (evaluation {timings['evaluation'] / 60:.1f} min).
+`{command}` on {today}, {device}. Total {timings['total'] / 60:.1f} min (evaluation {timings['evaluation'] / 60:.1f} min){_reused_text(run)}.
 Seed {cfg.seed}. Base window L = {L}, extended window L' = {long_window} (scale {cfg.scale}).
 
 **Verdicts:** {verdicts}.
@@ -273,6 +272,16 @@ def _relative(value: Any) -> Any:
 
 def _val_ppl(summary: dict[str, Any]) -> float | None:
     return summary.get("metrics", {}).get("val/ppl")
+
+
+def _reused_text(run: Any) -> str:
+    """How much of the run was reused from earlier runs in work_dir (the times above count it as it took then)."""
+    stages = sum(stage.reused for stage in run.stages.values())
+    evaluations = sum(reused for _, reused in run.evaluations.values())
+    if not stages and not evaluations:
+        return ""
+    return (f"; {stages} of {len(run.stages)} stages and {evaluations} of {len(run.evaluations)} evaluations"
+            " were reused from earlier runs with the same settings, their times counted as they ran then")
 
 
 def _command(budget: dict[str, Any]) -> str:

@@ -15,14 +15,15 @@
 # Issue 7 needs calls of its own (not in the default steps): `bash bench/run_gpu.sh reproduce` runs
 # `python reproduce.py budget=gpu` (RUN_GPU_REPRODUCE_ARGS replaces `budget=gpu`) and brings back one archive,
 # $OUT/reproduction-gpu.tgz (the device tool returns at most 8 files): the report in report/, each stage's
-# records (runs/STAGE/{summary,reproduce_stage,eval_by_step}.json, runs/STAGE/logs/metrics.csv) and each
-# finished evaluation's files in eval/, so a run cut short still returns what it finished. The checkpoints
-# stay on the machine. At commit 9cd9a49 budget=gpu needed more than 11 minutes on an H200 (647 s for its
-# stages and first evaluation alone), more than one call's 600 s. It now pretrains half as long, and no stage
-# uses activation checkpointing; it may fit. When a call is cut, make the same call again at once, while the
-# machine is warm (it is released after 30 s idle): the second call reuses the finished stages (a stage cut
-# midway starts over) and the wheels the first call installed. The step `ops` (bench/ops_per_step.py, about
-# 20 s) measures what turning checkpointing off saves: `bash bench/run_gpu.sh ops reproduce`. Then, here
+# records (runs/STAGE/{summary,reproduce_stage,eval_by_step}.json, runs/STAGE/logs/metrics.csv) and the
+# files of each evaluation the call finished or reused in eval/, so a run cut short still returns what it
+# finished. The checkpoints stay on the machine. At commit 9cd9a49 budget=gpu needed more than 11 minutes on
+# an H200 (647 s for its stages and first evaluation alone), more than one call's 600 s. It now pretrains
+# half as long, and no stage uses activation checkpointing; it may fit. When a call is cut, make the same
+# call again at once, while the machine is warm (it is released after 30 s idle): the second call reuses
+# the finished stages and evaluations (one cut midway starts over) and the wheels the first call installed.
+# The step `ops` (bench/ops_per_step.py, about 20 s) measures what turning checkpointing off saves:
+# `bash bench/run_gpu.sh ops reproduce`. Then, here
 # (a new folder: results/reproduction-gpu holds the committed H100 report that README cites):
 #   r=$(mktemp -d) && tar xzf FILES_AT/reproduction-gpu.tgz -C "$r" && cp -r "$r/report" results/gpu-CARD-DATE-reproduce
 #
@@ -151,17 +152,22 @@ for i in "${!planned[@]}"; do
       # A work folder inside the checkout (git-ignored) and named relative to it, so that the report's
       # commands name no machine's folders; the checkpoints stay there, on the machine.
       work=${RUN_GPU_REPRODUCE_WORK:-outputs/reproduce/device}
-      # Stages are reused, evaluations are not: clear an earlier call's report and evaluations, so that a call
-      # cut short never packs them as its own.
-      rm -rf "$work/report" "$work/eval"
+      # Finished stages and evaluations are reused (reproduce.py checks their settings and code); the report
+      # is written anew. What an earlier call left is packed only where this call used it: an evaluation
+      # this call finished or reused has a record newer than the stamp (reproduce.py touches a reused one).
+      rm -rf "$work/report"
+      mkdir -p "$work" && touch "$work/call_started"
       timeout -k 5 "$cap" python3 reproduce.py "${reproduce_args[@]}" "work_dir=$work" \
         "report_dir=$work/report" > "$OUT/reproduce.log" 2>&1
       rc=$?
       grep -E "\[reproduce\]|stage|report written|Error|error" "$OUT/reproduce.log" | tail -n 40
-      # One archive, also of a run cut short: the report, every finished evaluation, and each stage's small
-      # records (the training curves behind the report); no checkpoints.
+      # One archive, also of a run cut short: the report, the evaluations this call finished or reused, and
+      # each stage's small records (the training curves behind the report); no checkpoints.
       if [ -d "$work" ]; then
-        ( cd "$work" && { find report eval -type f ! -name '*.ckpt' 2>/dev/null
+        ( cd "$work" && { find report -type f 2>/dev/null
+          find eval -name reproduce_eval.json -newer call_started 2>/dev/null | while read -r record; do
+            find "$(dirname "$record")" -type f
+          done
           for file in runs/*/summary.json runs/*/reproduce_stage.json runs/*/eval_by_step.json runs/*/logs/metrics.csv; do
             [ -f "$file" ] && echo "$file"
           done; } ) | tar czf "$OUT/reproduction-gpu.tgz" -C "$work" -T -

@@ -39,6 +39,20 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json with its perplexities keyed by int window, as `evaluate` builds them, and a
+    perplexity stored as null (not finite: inf or NaN in memory) read as inf. Every other number is as
+    the file has it, non-finite ones as None."""
+    results = json.loads(path.read_text())
+    if "ppl_table" in results:
+        results["ppl_table"] = {name: {int(w): math.inf if ppl is None else ppl for w, ppl in by_window.items()}
+                                for name, by_window in results["ppl_table"].items()}
+    if "ppl" in results:
+        results["ppl"] = {name: {int(w): {**r, "ppl": math.inf if r.get("ppl") is None else r["ppl"]} for w, r in by_window.items()}
+                          for name, by_window in results["ppl"].items()}
+    return results
+
+
 def format_ppl(value: float | None) -> str:
     """Two decimals as in the paper; very large values in scientific notation."""
     if value is None or not math.isfinite(value):

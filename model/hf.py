@@ -8,6 +8,7 @@ listed in model.safetensors.index.json, or as pytorch_model*.bin (+ index) from 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ from .checkpoints import (
     safe_torch_load,
     tokenizer_info,
 )
+
+log = logging.getLogger(__name__)
 
 # project name -> HF name; "{i}" is the layer index.
 _LAYER_MAP = {
@@ -294,7 +297,8 @@ def _read_weights(path: Path) -> Iterator[tuple[str, Tensor]]:
 
 
 def save_hf(pretrained: Pretrained, folder: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write config.json, generation_config.json, model.safetensors (sharded above max_shard_bytes) and tokenizer.model."""
+    """Write config.json, generation_config.json, model.safetensors (sharded above max_shard_bytes),
+    tokenizer.model and, for a sentencepiece tokenizer, tokenizer_config.json."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -329,6 +333,39 @@ def save_hf(pretrained: Pretrained, folder: str | os.PathLike, *, max_shard_byte
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if pretrained.tokenizer_path is not None:
         shutil.copyfile(pretrained.tokenizer_path, folder / "tokenizer.model")
+        if tok.kind == "sentencepiece":
+            tokenizer_config = sentencepiece_tokenizer_config(pretrained.tokenizer_path, config["max_position_embeddings"])
+            (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        else:
+            log.warning("this export writes no HF tokenizer configuration for LLaMA 3's tiktoken tokenizer.model: copy "
+                        "tokenizer.json and tokenizer_config.json of the model's HF release into the exported folder.")
+
+
+def sentencepiece_tokenizer_config(path: str | os.PathLike, max_length: int) -> dict[str, Any]:
+    """tokenizer_config.json for HF's LlamaTokenizer over a sentencepiece tokenizer.model.
+
+    Without it AutoTokenizer falls back to a generic tokenizer that prepends no BOS, and LLaMA models are
+    trained and evaluated (here too) with one. The special tokens are the model file's own pieces.
+    """
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+    def piece(index: int) -> str | None:
+        return processor.id_to_piece(index) if index >= 0 else None
+
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": piece(processor.bos_id()),
+        "eos_token": piece(processor.eos_id()),
+        "unk_token": piece(processor.unk_id()),
+        "pad_token": piece(processor.pad_id()),
+        "legacy": False,  # as Meta's LLaMA 2 HF release; either way ordinary text encodes as sentencepiece does
+        "clean_up_tokenization_spaces": False,  # decode gives the text back as it was
+        "model_max_length": max_length,
+    }
 
 
 def _plan_shards(state: Mapping[str, Tensor], max_shard_bytes: int) -> list[list[str]]:

@@ -3,7 +3,8 @@
 Every training stage is a `training.run.train` call on a config composed from conf/ (the same
 path as `python train.py ...`, whose overrides are logged), and every evaluation an
 `evaluation.run.evaluate` call (the same as `python evaluate.py ...`). A finished stage is
-reused when its settings are unchanged, so an interrupted reproduction picks up where it stopped.
+reused when its settings are unchanged, and so is a finished evaluation, so an interrupted
+reproduction picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -75,6 +77,7 @@ class Reproduction:
         self.long_window = round(self.window * float(cfg.scale))  # L'
         self.windows = sorted({self.window * 2**i for i in range(8) if self.window * 2**i < self.long_window} | {self.long_window})
         self.stages: dict[str, Stage] = {}
+        self.evaluations: dict[str, tuple[float, bool]] = {}  # name -> (seconds it took when it ran, reused)
 
     # -- training ---------------------------------------------------------------------------
 
@@ -153,9 +156,9 @@ class Reproduction:
         # A fine-tune depends on the base run as well as its own settings: a new base makes it stale.
         inputs = {name: self._fingerprint(name) for name in self.stages if f"init={self.checkpoint(name)}" in stage.overrides}
         inputs["data"] = self.data_key()  # same settings over new training data (e.g. a new passkey recipe): stale
-        if self.cfg.reuse and record.is_file() and self.checkpoint(stage.name).is_file():
-            saved = json.loads(record.read_text())
-            if saved["overrides"] == stage.overrides and saved.get("inputs") == inputs:
+        saved = _read_record(record) if self.cfg.reuse and self.checkpoint(stage.name).is_file() else None
+        if saved is not None:
+            if saved.get("overrides") == stage.overrides and saved.get("inputs") == inputs:
                 log.info("stage %s: reusing the finished run in %s", stage.name, run_dir)
                 stage.seconds, stage.reused, stage.summary = saved["seconds"], True, saved["summary"]
                 self.stages[stage.name] = stage
@@ -168,8 +171,7 @@ class Reproduction:
         stage.seconds = time.perf_counter() - started
         stage.summary = json.loads((run_dir / "summary.json").read_text())
         # Written last: its presence means the stage finished.
-        record.write_text(json.dumps({"overrides": stage.overrides, "inputs": inputs, "seconds": stage.seconds,
-                                      "summary": stage.summary}))
+        _write_record(record, {"overrides": stage.overrides, "inputs": inputs, "seconds": stage.seconds, "summary": stage.summary})
         log.info("stage %s done in %.0f s (%s)", stage.name, stage.seconds, self.checkpoint(stage.name))
         self.stages[stage.name] = stage
         return stage
@@ -220,9 +222,43 @@ class Reproduction:
     # -- evaluation -------------------------------------------------------------------------
 
     def evaluate(self, name: str, tasks: list[str], variants: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:
-        """One evaluate.py run over `variants`; `settings` are further conf/evaluate.yaml overrides."""
+        """One evaluate.py run over `variants`; `settings` are further conf/evaluate.yaml overrides.
+
+        Returns its results.json as read back from the file, also when freshly run, so that a report is the
+        same whether an evaluation ran now or was reused. A finished evaluation is reused while its command,
+        its rows, the runs behind its checkpoints and the evaluation code are unchanged: a reproduction cut
+        during its evaluations continues with the next one, and a report that needs a new measurement gets it.
+        """
+        from evaluation.report import read_results  # noqa: PLC0415
         from evaluation.run import evaluate  # noqa: PLC0415
 
+        out = self.work / "eval" / name
+        overrides = self._evaluation_overrides(name, tasks, settings)
+        cfg = compose(config_name="evaluate", overrides=overrides)
+        with open_dict(cfg):
+            cfg.variants = variants
+        # Every setting as composed (conf/evaluate.yaml's defaults too; not where the files go), the runs behind
+        # the checkpoints, and the code that computes the numbers.
+        settings_used = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "out_dir"}
+        key = {"settings": settings_used, "checkpoints": self._checkpoint_fingerprints(variants), "code": evaluation_code()}
+        record = out / "reproduce_eval.json"
+        saved = _read_record(record) if self.cfg.reuse and (out / "results.json").is_file() else None
+        if saved is not None and saved.get("key") == key:
+            log.info("evaluation %s: reusing the finished evaluation in %s", name, out)
+            record.touch()  # its time says this run used it (bench/run_gpu.sh packs what the current call used)
+            self.evaluations[name] = (float(saved["seconds"]), True)
+            return read_results(out / "results.json")
+        if out.exists():
+            shutil.rmtree(out)  # unfinished or stale: none of its files may be taken for this run's
+        log.info("evaluation %s: python evaluate.py %s variants=<%d rows>", name, " ".join(overrides), len(variants))
+        started = time.perf_counter()
+        evaluate(cfg)
+        seconds = time.perf_counter() - started
+        _write_record(record, {"key": key, "seconds": seconds})  # written last: the evaluation finished
+        self.evaluations[name] = (seconds, False)
+        return read_results(out / "results.json")
+
+    def _evaluation_overrides(self, name: str, tasks: list[str], settings: dict[str, Any]) -> list[str]:
         b = self.budget
         values = {"task": f"[{','.join(tasks)}]", "out_dir": self.work / "eval" / name, "seed": self.cfg.seed,
                   "dtype": b.dtype, "ppl.windows": f"[{','.join(map(str, self.windows))}]",
@@ -230,12 +266,23 @@ class Reproduction:
                   "passkey.num_positions": b.passkey_positions, "passkey.trials": b.passkey_trials,
                   "passkey.batch_size": b.passkey_trials,
                   **settings}  # one override per key: a setting replaces the default, and the logged command stays unambiguous
-        overrides = [f"{k}={v}" for k, v in values.items()]
-        cfg = compose(config_name="evaluate", overrides=overrides)
-        with open_dict(cfg):
-            cfg.variants = variants
-        log.info("evaluation %s: python evaluate.py %s variants=<%d rows>", name, " ".join(overrides), len(variants))
-        return evaluate(cfg)
+        return [f"{k}={v}" for k, v in values.items()]
+
+    def _checkpoint_fingerprints(self, variants: list[dict[str, Any]]) -> dict[str, str]:
+        """Each checkpoint's run: a stage's record fingerprint (it changes whenever the stage runs again)."""
+        runs = self.work / "runs"
+        prints = {}
+        for ckpt in sorted({str(v["ckpt"]) for v in variants}):
+            path = Path(ckpt)
+            stage = path.parent.parent
+            if stage.parent == runs and (stage / "reproduce_stage.json").is_file():
+                prints[ckpt] = self._fingerprint(stage.name)
+            elif path.is_file():  # not one of this reproduction's runs: the file itself
+                stat = path.stat()
+                prints[ckpt] = f"{stat.st_size}:{stat.st_mtime_ns}"
+            else:
+                prints[ckpt] = "missing"  # evaluate() says so in one sentence
+        return prints
 
     def extension_variants(self) -> list[dict[str, Any]]:
         base = str(self.checkpoint("base"))
@@ -281,6 +328,38 @@ class Reproduction:
     def stage_variants(self, stages: list[str]) -> list[dict[str, Any]]:
         """Evaluation rows for finished fine-tunes, each read with its own encoding."""
         return [{"name": self.stages[stage].title, "ckpt": str(self.checkpoint(stage))} for stage in stages]
+
+
+# The packages an evaluation's numbers come from: the evaluators, the model and its position encodings
+# (a no-fine-tuning row is the base read with one of them), and the data (documents, passkey prompts).
+EVALUATION_PACKAGES = ("evaluation", "model", "data")
+
+
+def evaluation_code() -> str:
+    """A fingerprint of the source an evaluation's numbers were computed by. (Stages are not keyed on
+    the training code: retraining after every edit would cost far more than evaluating again.)"""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in EVALUATION_PACKAGES:
+        for source in sorted((root / package).rglob("*.py")):
+            digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A finished stage's or evaluation's record; None when there is none or it is damaged (then it runs again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """Written whole or not at all: a record's presence means the work it describes finished."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)
 
 
 def _null(value: Any) -> str:

@@ -146,9 +146,10 @@ def long_passkey_section(window: int, long_window: int, windows: Sequence[int], 
 Not one of the paper's experiments, and not used for any verdict above. The paper fine-tunes on PG-19
 alone: LLaMA already retrieves at any distance in its window, and claim 4 asks whether PI keeps that
 skill usable over L'. In the paper-setting runs above the base was trained to retrieve over at most L
-tokens; if no extension retrieves beyond L there, not even PI (which maps those distances back onto
-rotations the base was trained on), one explanation is that a small model's retrieval is bound to the
-number of tokens it learnt to look back over. These four fine-tunes test that: PI and direct fine-tuning
+tokens. Where no extension retrieves beyond L there, two explanations compete: a small model's retrieval
+may be bound to the number of tokens it learnt to look back over, or compressing positions may break
+retrieval by itself. The "Passkey inside L" table above tests the second (PI without fine-tuning, on
+prompts no longer than pretraining's). These four fine-tunes test the first: PI and direct fine-tuning
 again ({n} and {n_long} steps, the same recipe and seed) with passkey prompts up to L' = {long_window}
 tokens instead of L in their data, asking how fast each encoding learns to retrieve over L'. The
 passkey share stays {budget['passkey_share']:.0%} of the tokens, so with prompts up to 8x longer there are
@@ -301,7 +302,12 @@ def attention_section(attention: Mapping[str, Any], base_name: str) -> str:
     if real and "skipped" not in real:
         medians = {k.removesuffix("_median"): v for k, v in real.items() if k.endswith("_median")}
         columns.append((f"{base_name}: real q/k (median of {real['pairs']} pairs)", medians))
-    rows = [[label, *(f"{facts[key]:.4g}" if key in facts else "" for _, facts in columns)] for key, label in ATTENTION_ROWS]
+    def cell(facts: Mapping[str, Any], key: str) -> str:
+        if key not in facts:
+            return ""
+        return f"{facts[key]:.4g}" if _finite(facts[key]) else "not finite"  # results.json stores those as null
+
+    rows = [[label, *(cell(facts, key) for _, facts in columns)] for key, label in ATTENTION_ROWS]
     return tables.markdown_table(["quantity", *(c for c, _ in columns)], rows)
 
 

@@ -415,6 +415,37 @@ def test_project_to_hf_runs_in_transformers_with_the_same_logits(tmp_path, sp_to
     torch.testing.assert_close(logits(back.build_model(), tokens), ours, rtol=0, atol=1e-5)
 
 
+def test_hf_export_tokenizes_as_the_project_does(tmp_path):
+    """AutoTokenizer on the exported folder is LLaMA's tokenizer: BOS first, then the ids the project trains
+    and evaluates on (without tokenizer_config.json it would prepend no BOS). Two known differences are left
+    out: HF reads "</s>" in the text as EOS, and treats whitespace at the very start of a text its own way."""
+    from data.tokenizer import train_tokenizer
+
+    corpus = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
+              "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"] * 20
+    ours = train_tokenizer(corpus, tmp_path / "tokenizer.model", vocab_size=300)  # byte fallback, as the bundled one
+    model = tiny_model(vocab_size=ours.vocab_size)
+    convert(save_project_checkpoint(tmp_path / "last.ckpt", model, {"kind": "rope"}, ours.path), tmp_path / "hf", "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = ["To be, or not to be: that is the question.", "Whether 'tis nobler\n\n  in the mind  to suffer",
+             "unseen: ÿ 漢字 and digits 1604"]
+    for text in texts:
+        ids = hf(text)["input_ids"]
+        assert ids[0] == ours.bos_id and ids == ours.encode(text, bos=True), text
+        assert hf.decode(ids, skip_special_tokens=True) == ours.decode(ours.encode(text, bos=False)), text
+    assert (hf.bos_token, hf.eos_token, hf.unk_token) == ("<s>", "</s>", "<unk>")
+
+
+def test_hf_export_of_a_tiktoken_tokenizer_says_which_files_to_add(tmp_path, caplog):
+    tokenizer = fake_tiktoken_file(tmp_path / "tokenizer.model")  # 256 ranks + LLaMA 3's 256 special tokens
+    model = tiny_model(vocab_size=512)
+    with caplog.at_level("WARNING", logger="model.hf"):
+        export(Pretrained.from_model(model, {"kind": "rope"}, tokenizer), tmp_path / "hf", "hf")
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    assert not (tmp_path / "hf" / "tokenizer_config.json").exists()  # a LlamaTokenizer config would be wrong for it
+    assert "tokenizer_config.json of the model's HF release into the exported folder" in caplog.text
+
+
 def test_hf_export_shards_above_the_size_limit(tmp_path):
     model = tiny_model({"kind": "pi", "scale": 4.0}, vocab_size=VOCAB)
     export(Pretrained.from_model(model, {"kind": "pi", "scale": 4.0}), tmp_path / "hf", "hf", max_shard_bytes=40_000)

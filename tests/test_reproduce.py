@@ -287,6 +287,68 @@ def test_a_finished_stage_is_reused_until_its_settings_or_its_base_change(tmp_pa
         assert trained[-2:] == ["base", "pi"] and len(trained) == 9
 
 
+def test_a_finished_evaluation_is_reused_until_its_rows_or_their_runs_change(tmp_path: Path, monkeypatch) -> None:
+    import evaluation.run
+    import training.run
+    from evaluation.report import write_json
+    from reproduction.pipeline import Reproduction
+
+    evaluated = []
+
+    def fake_train(cfg):
+        run_dir = Path(cfg.run_dir)
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "last.ckpt").write_text("weights")
+        (run_dir / "summary.json").write_text(json.dumps({"seq_len": 128, "metrics": {}}))
+
+    def fake_evaluate(cfg):  # writes results.json as evaluate() does: int windows, a non-finite perplexity
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        results = {"ppl_table": {row.name: {128: 40.0 + len(evaluated), 1024: float("inf")} for row in cfg.variants},
+                   "ppl": {row.name: {128: {"ppl": float("nan"), "tokens": 3}} for row in cfg.variants}}
+        write_json(out / "results.json", results)
+        evaluated.append(out.name)
+        return results
+
+    monkeypatch.setattr(training.run, "train", fake_train)
+    monkeypatch.setattr(evaluation.run, "evaluate", fake_evaluate)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        def run_all(*overrides: str, rows: int = 1, reuse_evaluation: bool = True) -> tuple[dict, tuple[float, bool]]:
+            run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}", *overrides]))
+            run.pretrain()
+            run.cfg.reuse = reuse_evaluation  # the base stays reused either way
+            variants = [{"name": f"row {i}", "ckpt": str(run.checkpoint("base"))} for i in range(rows)]
+            results = run.evaluate("extensions", ["ppl"], variants)
+            return results, run.evaluations["extensions"]
+
+        first, (seconds, reused) = run_all()
+        assert not reused and seconds >= 0
+        # Read back from the file, also when it ran just now: windows are ints, "not finite" is inf.
+        assert first["ppl_table"] == {"row 0": {128: 40.0, 1024: float("inf")}}
+        assert first["ppl"]["row 0"][128] == {"ppl": float("inf"), "tokens": 3}
+        assert run_all() == (first, (seconds, True)) and evaluated == ["extensions"]  # unchanged: reused, its time kept
+        run_all(rows=2)  # another row: evaluated again
+        assert evaluated == ["extensions"] * 2
+        run_all("budget.passkey_trials=3", rows=2)  # any setting of the composed evaluate config counts
+        assert evaluated == ["extensions"] * 3
+        run_all(rows=2, reuse_evaluation=False)
+        assert evaluated == ["extensions"] * 4
+        run_all("budget.pretrain_steps=31", rows=2)  # a new base: its evaluations are stale
+        assert evaluated == ["extensions"] * 5
+        monkeypatch.setattr("reproduction.pipeline.evaluation_code", lambda: "edited")  # new evaluation code
+        run_all("budget.pretrain_steps=31", rows=2)
+        assert evaluated == ["extensions"] * 6
+        # A damaged record, or none (cut before it was written): evaluated again, in an emptied folder.
+        record = tmp_path / "eval" / "extensions" / "reproduce_eval.json"
+        record.write_text('{"key": ')
+        assert run_all("budget.pretrain_steps=31", rows=2)[0]["ppl_table"]["row 1"][128] == 46.0
+        record.unlink()
+        (tmp_path / "eval" / "extensions" / "half-written.png").write_text("")
+        assert run_all("budget.pretrain_steps=31", rows=2)[0]["ppl_table"]["row 1"][128] == 47.0
+        assert evaluated == ["extensions"] * 8 and record.is_file()
+        assert not (tmp_path / "eval" / "extensions" / "half-written.png").exists()
+
+
 @pytest.mark.slow
 def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
     """budget=mini end to end through the CLI: every stage, every evaluation, the report."""
@@ -310,9 +372,14 @@ def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
     assert set(ablation["ppl"]) == set(ablation["passkey"]) == set(ablation["by_step"]) == {
         f"{run}, {steps} steps, passkeys to L' = 1024" for run in ("PI", "FT (direct)") for steps in (4, 8)}
     assert "data.passkey_max_tokens=1024" in results["stages"]["pi_lpk"]["command"]
-    # A second run reuses every finished stage instead of training again.
+    # A second run reuses every finished stage and evaluation, and writes the same report.
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and (again.stdout + again.stderr).count("reusing the finished run") == 9, again.stdout[-3000:]
+    log = again.stdout + again.stderr
+    assert again.returncode == 0 and log.count("reusing the finished run") == 9, log[-3000:]
+    assert log.count("reusing the finished evaluation") == 4, log[-3000:]
+    rerun = json.loads((report / "results.json").read_text())
+    assert {k: rerun[k] for k in ("ppl", "passkey", "claims", "attention")} == {k: results[k] for k in ("ppl", "passkey", "claims", "attention")}
+    assert rerun["timings_s"] == results["timings_s"]  # each evaluation's time from when it ran
 
 
 @pytest.mark.slow
@@ -327,10 +394,12 @@ def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_de
     env = {**os.environ, "PI_LLAMA_CACHE": str(tmp_path / "cache"), "OUT": str(out), "TMPDIR": str(tmp_path),
            "RUN_GPU_REPRODUCE_ARGS": args,
            "RUN_GPU_REPRODUCE_WORK": str(tmp_path / "reproduce-work")}
-    # An earlier call's evaluation on a warm machine: never packed as this call's.
-    stale = tmp_path / "reproduce-work" / "eval" / "from-an-earlier-call" / "results.json"
-    stale.parent.mkdir(parents=True)
-    stale.write_text("{}")
+    # An earlier call's finished evaluation that this call does not use (another setting or other code) on a
+    # warm machine: never packed as this call's.
+    stale = tmp_path / "reproduce-work" / "eval" / "from-an-earlier-call"
+    stale.mkdir(parents=True)
+    (stale / "results.json").write_text("{}")
+    (stale / "reproduce_eval.json").write_text('{"key": {}, "seconds": 1.0}')
     done = subprocess.run(["bash", "bench/run_gpu.sh", "reproduce"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + (out / "reproduce.log").read_text()[-3000:]
@@ -359,3 +428,11 @@ def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_de
             assert (unpacked / "runs" / stage / record).is_file(), (stage, record)
     assert (unpacked / "eval" / "extensions" / "results.json").is_file()
     assert not (unpacked / "eval" / "from-an-earlier-call").exists()
+    # The same call again (a cut run's second call): every stage and evaluation reused, all packed again.
+    again = subprocess.run(["bash", "bench/run_gpu.sh", "reproduce"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=900)
+    log = (out / "reproduce.log").read_text()
+    assert again.returncode == 0 and log.count("reusing the finished evaluation") == 3, log[-3000:]
+    with tarfile.open(out / "reproduction-gpu.tgz") as archive:
+        names = archive.getnames()
+    assert "eval/extensions/results.json" in names and "report/README.md" in names
