@@ -57,6 +57,13 @@ def validate(cfg: DictConfig) -> str:
         value = cfg.get(key)
         if value is not None and not Path(str(value)).expanduser().exists():
             raise ConfigError(f"{key}={value} does not exist; give the path of a checkpoint file or folder.")
+    vocab = cfg.model.get("vocab_size")
+    if stage == "finetune" and cfg.init is None and cfg.resume is None and vocab is not None:
+        # Without init= a fine-tune starts from the bundled base, pretrained here first on the bundled corpus
+        # with its tokenizer: right for the project's own models (vocab_size null), never for a published
+        # shape such as model=llama1-7b, which would be pretrained from scratch instead of loaded.
+        raise ConfigError(f"fine-tuning a model with its own {vocab}-token vocabulary, as the published LLaMA shapes have, "
+                          "needs its pretrained weights: pass init=/path/to/checkpoint (a Meta or HF folder, or a .ckpt).")
     args = model_args_from_config(cfg.model)
     try:
         position = build_position(args, OmegaConf.to_container(cfg.position, resolve=True))
