@@ -56,8 +56,8 @@ def main(cfg: DictConfig) -> None:
     except SIGTERMException:
         # Lightning ends a SIGTERM'd run with status 0; one cut short should not look finished.
         if _first_process():
-            print("stopped by SIGTERM; checkpoints/last.ckpt in the run folder was saved first: continue with "
-                  "resume=<that path>.", file=sys.stderr)
+            print("stopped by SIGTERM; checkpoints/last.ckpt in the run folder was saved first: continue with the "
+                  "same overrides and resume=<that path>.", file=sys.stderr)
         sys.exit(SIGTERM_EXIT_CODE)
 
 

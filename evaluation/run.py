@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model import Llama, build_position
-from model.checkpoints import Pretrained, load_pretrained
+from model.checkpoints import CheckpointError, Pretrained, check_tokenizer, load_pretrained
 from model.position import RoPE
 
 from evaluation import report
@@ -76,7 +76,10 @@ def resolve_variants(cfg: DictConfig) -> list[Variant]:
             log.warning("position=%s without scale=S reads positions unscaled (scale 1); pass scale=8 for PI x8", override.get("kind"))
     elif cfg.scale is not None:
         override = {"scale": cfg.scale}  # rescale whatever encoding each checkpoint stores
-    tag = _position_label(override) if override and "kind" in override else ""
+    if override and "kind" in override:
+        tag = _position_label(override)
+    else:  # a scale alone rescales each checkpoint's own encoding: the row says so
+        tag = f" [x{float(override['scale']):g}]" if override else ""
     rows = [Variant(_default_name(path, ckpts) + tag, path, override) for path in ckpts]
     for entry in cfg.variants or []:
         entry = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
@@ -111,6 +114,10 @@ def _position_for(pretrained: Pretrained, override: dict[str, Any] | None) -> di
     if override is None:
         return dict(pretrained.position)
     if set(override) == {"scale"}:
+        if pretrained.position.get("kind", "rope") == "rope" and float(override["scale"]) != 1:
+            # Plain RoPE ignores scale: positions run on past the window (direct extrapolation), not PI.
+            log.warning("scale=%g on a RoPE checkpoint only lengthens the window; its positions are not interpolated: "
+                        "pass position=pi scale=%g to read it with PI", override["scale"], override["scale"])
         return {**pretrained.position, "scale": override["scale"]}
     return dict(override)
 
@@ -184,11 +191,11 @@ def _build(pretrained: Pretrained, position: dict[str, Any], device: torch.devic
 
 
 def _check_vocab(model: Llama, tokenizer: Any, name: str) -> None:
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise EvaluationError(
-            f"{name}: the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.args.vocab_size}; "
-            "set data.tokenizer to the tokenizer.model the checkpoint was trained with."
-        )
+    """The tokenizer's ids must be the model's: none past its embedding table, and not far fewer (another vocabulary)."""
+    try:
+        check_tokenizer(model.args, tokenizer)
+    except CheckpointError as error:
+        raise EvaluationError(f"{name}: {str(error).rstrip('.')} (data.tokenizer=...).") from None
 
 
 def _preflight(variant: Variant, pretrained: Pretrained, position: dict[str, Any], cfg: DictConfig, tasks: list[str]) -> None:
@@ -272,6 +279,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for variant in variants:  # every checkpoint and window is checked before the first long computation
         if variant.ckpt not in loaded:
             loaded[variant.ckpt] = load_pretrained(variant.ckpt)
+            if loaded[variant.ckpt].tokenizer_path is None and cfg.data.get("tokenizer") is None:
+                # Else a tokenizer would be trained on the corpus, whose ids mean nothing to these weights.
+                raise EvaluationError(f"{variant.ckpt} comes without its tokenizer.model; pass data.tokenizer=/path/to/"
+                                      "tokenizer.model, the one its weights were trained with.")
         _preflight(variant, loaded[variant.ckpt], _position_for(loaded[variant.ckpt], variant.position), cfg, tasks)
     torch.manual_seed(cfg.seed)
     collected = Collected(cfg, tasks, device, output_dir(cfg))

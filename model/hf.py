@@ -258,8 +258,9 @@ def load_hf(folder: str | os.PathLike, *, dtype: str | torch.dtype | None = None
                 raise CheckpointError(f"{path}: {error.args[0]}") from None
             if name is not None:
                 state[name] = cast_tensor(tensor, dtype)
-    tokenizer = folder / "tokenizer.model"
-    tokenizer_path = tokenizer if tokenizer.is_file() else None
+    # HF's LLaMA 3 repositories keep Meta's tokenizer.model (tiktoken) under original/, beside tokenizer.json.
+    found = [t for t in (folder / "tokenizer.model", folder / "original" / "tokenizer.model") if t.is_file()]
+    tokenizer_path = found[0] if found else None
     if tokenizer_path is not None:
         check_tokenizer(args, tokenizer_info(tokenizer_path))
     return Pretrained(args, position, state, tokenizer_path, "hf", {"path": str(folder)})

@@ -10,6 +10,7 @@ wk once per head; saving writes one unsplit shard in Meta's interleaved layout.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +32,8 @@ from .checkpoints import (
     tokenizer_info,
 )
 from .llama import Llama
+
+log = logging.getLogger(__name__)
 
 # Dimension along which Meta's model-parallel layers slice each tensor; None: replicated on every rank.
 # Column-parallel layers (outputs sliced) split dim 0, row-parallel ones (inputs sliced) dim 1.
@@ -261,6 +264,11 @@ def load_meta(folder: str | os.PathLike, *, dtype: str | torch.dtype | None = No
     if int(params.get("vocab_size", -1)) <= 0 and vocab is None and "output.weight" in shards[0]:
         vocab = sum(shard["output.weight"].shape[0] for shard in shards)  # output is always split by vocabulary rows
     args, position, window_note = args_from_params(params, vocab_size=vocab, max_seq_len=max_seq_len, source=str(params_path))
+    if max_seq_len is None and not params.get("max_seq_len"):
+        # The window is the L that PI's scale multiplies: a wrong guess mis-sizes every extension.
+        log.warning("%s does not record the pretraining window: %d is assumed, as for %s; if the weights were "
+                    "pretrained at another window N, use python -m model.convert %s OUT --to hf --max-seq-len N and OUT",
+                    params_path, args.max_seq_len, window_note, folder)
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in Llama(args).state_dict().items()}
     names = [name for name in shards[0] if name not in _IGNORED]

@@ -47,13 +47,17 @@ def project(tmp_path_factory, tokenizer):  # noqa: F811
     base = save_checkpoint(root / "base.ckpt", tiny_model({"kind": "rope"}, vocab_size=VOCAB), {"kind": "rope"}, tokenizer.path, 0)
     pi = save_checkpoint(root / "pi4.ckpt", tiny_model({"kind": "pi", "scale": 4.0}, vocab_size=VOCAB), {"kind": "pi", "scale": 4.0}, tokenizer.path, 50)
     absolute = save_checkpoint(root / "abs.ckpt", tiny_model({"kind": "absolute"}, vocab_size=VOCAB), {"kind": "absolute"}, tokenizer.path)
+    # Weights without their tokenizer, one of them with 300 more embedding rows than the test tokenizer has pieces.
+    untokenized = save_checkpoint(root / "untokenized.ckpt", tiny_model({"kind": "rope"}, vocab_size=VOCAB), {"kind": "rope"}, None)
+    wider = save_checkpoint(root / "wider.ckpt", tiny_model({"kind": "rope"}, vocab_size=VOCAB + 300), {"kind": "rope"}, None)
     rng = random.Random(0)
     words = re.findall(r"[a-z]+", " ".join([INSTRUCTION, FILLER, QUESTION]).lower())
     with (root / "docs.jsonl").open("w") as handle:
         for _ in range(40):
             text = " ".join(rng.choice(words) for _ in range(rng.randint(60, 160))) + "."
             handle.write(json.dumps({"text": text}) + "\n")
-    return {"root": root, "base": base, "pi": pi, "absolute": absolute, "docs": root / "docs.jsonl"}
+    return {"root": root, "base": base, "pi": pi, "absolute": absolute, "untokenized": untokenized, "wider": wider,
+            "tokenizer": tokenizer.path, "docs": root / "docs.jsonl"}
 
 
 def _data_overrides(project) -> list[str]:
@@ -139,6 +143,17 @@ def test_position_override_from_the_config_group_reads_a_base_model_with_pi(proj
     assert results["models"][0]["name"] == "base [pi x8]"
 
 
+def test_a_scale_alone_rescales_each_checkpoints_own_encoding_and_the_row_says_so(project, tmp_path, caplog):
+    overrides = [f"ckpt=[{project['base']},{project['pi']}]", "scale=2", "task=ppl", "ppl.windows=[64]", "ppl.stride=16",
+                 "ppl.max_documents=1", f"out_dir={tmp_path / 'out'}", *_data_overrides(project)]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"), caplog.at_level("WARNING"):
+        evaluate(compose("evaluate", overrides=overrides))
+    models = json.loads((tmp_path / "out" / "results.json").read_text())["models"]
+    assert [(m["name"], m["position"]["kind"], m["position"]["scale"]) for m in models] == [
+        ("base [x2]", "rope", 2), ("pi4 [x2]", "pi", 2)]  # PI x4 read at x2: the scale is replaced, not multiplied
+    assert "scale=2 on a RoPE checkpoint only lengthens the window" in caplog.text  # the RoPE row: extrapolation
+
+
 def test_user_errors_are_one_sentence_and_a_non_zero_exit(project, tmp_path):
     result = _run(["ckpt=/nonexistent/model.ckpt", f"out_dir={tmp_path / 'out'}"], tmp_path)
     assert result.returncode == 2
@@ -158,10 +173,14 @@ def test_user_errors_are_one_sentence_and_a_non_zero_exit(project, tmp_path):
         (["ckpt={base}", "variants=[{{nme: x}}]"], r"unknown key\(s\) \['nme'\]"),
         (["ckpt=[{base},{absolute}]", "variants=[{{name: x, position: {{kind: pi}}}}]"], "needs a ckpt"),
         (["ckpt=[{base},{base}]"], "two table rows are both named"),
+        # Weights without their tokenizer are not read with one trained on the corpus, nor with another vocabulary.
+        (["ckpt={untokenized}"], "untokenized.ckpt comes without its tokenizer.model; pass data.tokenizer="),
+        (["ckpt={wider}", "data.tokenizer={tokenizer}", "task=ppl", "ppl.windows=[32]", "ppl.stride=16"],
+         "so the two were made for different vocabularies"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(project, tmp_path, overrides, message):
-    overrides = [o.format(base=project["base"], absolute=project["absolute"]) for o in overrides]
+    overrides = [o.format(**{k: v for k, v in project.items() if k != "docs"}) for o in overrides]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[*overrides, f"out_dir={tmp_path}", *_data_overrides(project)])
     with pytest.raises(EvaluationError, match=message):

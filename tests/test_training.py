@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,16 @@ def test_init_from_an_hf_folder_fine_tunes_its_weights(cache_dir, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     cfg = smoke(cache_dir, tmp_path / "ft", f"init={tmp_path / 'hf'}", "position=pi", "scale=2",
                 "optim.finetune.lr=1e-12", "optim.finetune.max_steps=1")
+    # Without its tokenizer.model the weights' ids are unknown: refused, not read with a tokenizer trained here.
+    with pytest.raises(ConfigError, match="comes without its tokenizer.model; pass data.tokenizer="):
+        train(cfg)
+    from data import TextDataModule
+
+    tokenizer = TextDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seq_len=64, seed=0).tokenizer.path
+    (tmp_path / "hf" / "original").mkdir()
+    shutil.copyfile(tokenizer, tmp_path / "hf" / "original" / "tokenizer.model")  # where HF's LLaMA 3 repos keep it
     tuned = load_pretrained(train(cfg).last_checkpoint)
+    assert tuned.tokenizer_path is not None and tuned.tokenizer_path.read_bytes() == tokenizer.read_bytes()
     assert tuned.args.hidden_dim == args.hidden_dim and tuned.args.n_kv_heads == 2 and tuned.position["kind"] == "pi"
     expected = hf.state_dict()["model.layers.1.mlp.down_proj.weight"]
     torch.testing.assert_close(tuned.state_dict["layers.1.feed_forward.w2.weight"], expected, atol=1e-6, rtol=0)
@@ -131,6 +141,46 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(cache_d
     for key, exp_avg in saved["optimizer_states"][0]["state"].items():
         torch.testing.assert_close(recorder.optimizer_state[key], exp_avg["exp_avg"])
     assert torch.load(resumed.last_checkpoint, weights_only=True)["global_step"] == 5
+
+
+def test_a_run_is_resumed_only_with_the_position_it_was_trained_with(cache_dir, tmp_path):
+    """Lightning restores weights and optimizer into whatever run the config builds: without the interrupted
+    run's overrides a PI run would go on as RoPE at the base window. Refused, naming the overrides."""
+    pi = ("stage=pretrain", "position=pi", "scale=2", "optim.pretrain.max_steps=2", "register_base=false")
+    first = train(smoke(cache_dir, tmp_path / "a", *pi))
+    with pytest.raises(ConfigError, match=r"trained with position=pi, scale=2 but this run composes position=rope, "
+                                          r"scale=1; resume with the interrupted run's overrides \(e.g. position=pi scale=2\)"):
+        validate(smoke(cache_dir, tmp_path / "b", "stage=pretrain", "optim.pretrain.max_steps=3", f"resume={first.last_checkpoint}"))
+    with pytest.raises(ConfigError, match="position=pi, scale=4"):
+        validate(smoke(cache_dir, tmp_path / "b", *pi[:2], "scale=4", f"resume={first.last_checkpoint}"))
+    validate(smoke(cache_dir, tmp_path / "b", *pi, f"resume={first.last_checkpoint}"))  # the same overrides: resumable
+
+
+def test_starting_from_an_extended_checkpoint_with_another_encoding_is_said(cache_dir, tmp_path, caplog):
+    pi = train(smoke(cache_dir, tmp_path / "pi", "stage=pretrain", "position=pi", "scale=2", "optim.pretrain.max_steps=1",
+                     "register_base=false"))
+    one_step = ("optim.finetune.max_steps=1", "register_base=false")
+    with caplog.at_level("WARNING", logger="train"):
+        train(smoke(cache_dir, tmp_path / "a", f"init={pi.last_checkpoint}", *one_step))  # read as RoPE x1
+    assert "was trained with position=pi scale=2; this run uses position=rope scale=1" in caplog.text
+    assert "pass position=pi scale=2 to keep its encoding" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="train"):
+        train(smoke(cache_dir, tmp_path / "b", f"init={pi.last_checkpoint}", "position=pi", "scale=2", *one_step))
+    assert "was trained with" not in caplog.text
+
+
+def test_the_bundled_base_is_registered_per_recipe_and_never_by_a_resumed_run(cache_dir, tmp_path):
+    def cfg(run: str, *overrides: str):  # seed 11: no other test of this module's cache registers these bases
+        return smoke(cache_dir, tmp_path / run, "stage=pretrain", "seed=11", *overrides)
+
+    default, shorter = cfg("a"), cfg("a", "optim.pretrain.max_steps=2")
+    assert base_path(shorter) != base_path(default) and base_path(cfg("a", "seed=7")) != base_path(default)
+    short = train(shorter)
+    assert base_path(shorter).exists() and not base_path(default).exists()  # registered under its own recipe only
+    base_path(shorter).unlink()
+    train(cfg("b", "optim.pretrain.max_steps=3", f"resume={short.last_checkpoint}"))
+    assert not base_path(cfg("b", "optim.pretrain.max_steps=3")).exists() and not base_path(shorter).exists()
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -220,6 +270,8 @@ def test_every_config_option_composes_and_validates(group, tmp_path):
             overrides.append(f"init={tmp_path}")  # the paper's runs need real weights
         if group in ("data",) and option in ("text_dir", "jsonl"):
             overrides.append(f"data.path={tmp_path}")
+        if group == "position":
+            overrides.append("scale=2")  # scalings are refused at scale 1 (plain RoPE)
         cfg = compose_config(*overrides)
         OmegaConf.resolve(cfg)
         validate(cfg)
@@ -252,6 +304,8 @@ def test_multirun_sweep_composes(tmp_path):
         (["optim.pretrain.max_steps=0"], "optim.pretrain.max_steps=0 must be a positive integer"),
         (["model.n_heads=3"], "divisible by model.n_heads"),
         (["position=yarn", "position.beta_fast=x"], "position.beta_fast=.x. must be a number"),
+        (["position=pi"], r"position=pi at scale 1 reads positions exactly as plain RoPE does; pass scale=S"),
+        (["position=yarn", "seq_len=512"], r"position=yarn at scale 1"),
         (["run_dir=/dev/null/run"], "cannot be written"),
     ],
 )

@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A value in the training config cannot work; the message names it and the fix."""
 
 
+# Scalings that are the identity at scale 1 (dynamic NTK is not: it still grows its base past the window).
+UNSCALED_IS_ROPE = ("pi", "ntk", "yarn", "llama3")
+
+
 def resolve_stage(cfg: DictConfig) -> str:
     """pretrain or finetune: `auto` means finetune when there is something to extend (init or scale > 1)."""
     if cfg.stage not in STAGES:
@@ -72,6 +76,11 @@ def validate(cfg: DictConfig) -> str:
     if cfg.init is None:  # with init= the shape comes from the checkpoint; train() checks it then
         check_window_fits(position, cfg.seq_len or round(args.max_seq_len * float(scale)), args.max_seq_len)
     del position
+    kind, position_scale = cfg.position.get("kind"), cfg.position.get("scale")
+    if kind in UNSCALED_IS_ROPE and float(position_scale if position_scale is not None else scale) == 1:
+        # Not a run anyone asks for: the same as position=rope, and with scale 1 stage=auto pretrains from scratch.
+        raise ConfigError(f"position={kind} at scale 1 reads positions exactly as plain RoPE does; pass scale=S to "
+                          f"extend the window S times (e.g. position={kind} scale=8), or position=rope to pretrain.")
     recipe = cfg.optim[stage]
     for key in ("max_steps", "batch_size"):
         if not isinstance(recipe[key], int) or recipe[key] <= 0:
@@ -80,7 +89,8 @@ def validate(cfg: DictConfig) -> str:
         raise ConfigError(f"optim.{stage}.lr={recipe.lr!r} must be a positive finite number.")
     validate_trainer(cfg.trainer)
     if cfg.resume is not None:
-        check_resumable(Path(str(cfg.resume)).expanduser(), str(cfg.trainer.strategy))
+        check_resumable(Path(str(cfg.resume)).expanduser(), str(cfg.trainer.strategy),
+                        OmegaConf.to_container(cfg.position, resolve=True))
     if cfg.run_dir is not None:
         check_writable(Path(str(cfg.run_dir)))
     return stage
@@ -96,8 +106,13 @@ def check_window_fits(position: Any, seq_len: int, base_window: int) -> None:
         )
 
 
-def check_resumable(path: Path, strategy: str) -> None:
-    """resume= needs a training checkpoint (loops and optimizer state), sharded only under trainer.strategy=fsdp."""
+def check_resumable(path: Path, strategy: str, position: dict[str, Any] | None = None) -> None:
+    """resume= needs a training checkpoint (loops and optimizer state), sharded only under trainer.strategy=fsdp,
+    and (for a single file) one trained with `position`, the position config this run composes.
+
+    Lightning restores the weights and the optimizer into whatever run the config builds: resumed without the
+    interrupted run's overrides, a PI fine-tune would go on as a RoPE run at the base window.
+    """
     if path.is_dir():
         if not (path / "meta.pt").is_file():
             raise ConfigError(f"resume={path} is a folder but not a sharded checkpoint (no meta.pt); give checkpoints/last.ckpt.")
@@ -113,6 +128,19 @@ def check_resumable(path: Path, strategy: str) -> None:
     if not isinstance(checkpoint, dict) or not {"loops", "optimizer_states", "global_step"} <= checkpoint.keys():
         raise ConfigError(f"resume={path} holds weights without the training state (step, optimizer, data position); "
                           f"start from its weights with init={path} instead.")
+    trained = (checkpoint.get("hyper_parameters") or {}).get("position")
+    if position is not None and isinstance(trained, dict) and position_label(trained) != position_label(position):
+        raise ConfigError(f"resume={path} was trained with {position_label(trained)} but this run composes "
+                          f"{position_label(position)}; resume with the interrupted run's overrides "
+                          f"(e.g. position={trained.get('kind')} scale={trained.get('scale')}).")
+
+
+def position_label(position: dict[str, Any]) -> str:
+    """"position=pi, scale=8" and any further settings: what a resumed run must share with the interrupted one."""
+    settings = {k: v for k, v in sorted(position.items()) if k not in ("kind", "scale") and v is not None}
+    scale = position.get("scale")
+    label = f"position={position.get('kind')}, scale={float(scale) if scale is not None else 1.0:g}"
+    return label + "".join(f", {k}={v}" for k, v in settings.items())
 
 
 def validate_trainer(trainer: DictConfig) -> None:

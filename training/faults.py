@@ -101,7 +101,7 @@ class FaultTolerance(L.Callback):
             log.warning("SIGTERM arrived inside a gradient-accumulation window; the checkpoint resumes after "
                         "the micro-batches already seen, without their accumulated gradient")
         trainer.save_checkpoint(self.sigterm_path, weights_only=False)
-        log.warning("SIGTERM: saved %s at step %d; continue with resume=%s", self.sigterm_path, trainer.global_step,
+        log.warning("SIGTERM: saved %s at step %d; continue with the same overrides and resume=%s", self.sigterm_path, trainer.global_step,
                     self.sigterm_path)
 
 

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data import TextDataModule
-from model.checkpoints import CheckpointError, Pretrained, load_into, load_pretrained
+from model.checkpoints import CheckpointError, Pretrained, check_tokenizer, load_into, load_pretrained
 
 from .callbacks import Throughput, measured_matmul_peak
 from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, model_args_from_config, validate
@@ -62,6 +62,10 @@ def train(cfg: DictConfig) -> RunResult:
                               "process (`python train.py` with the same model and data) or pass init=PATH.")
         init = str(bundled_base(cfg, run_dir))
     pretrained = _load_init(init) if init is not None else None
+    if pretrained is not None and pretrained.tokenizer_path is None and cfg.data.get("tokenizer") is None:
+        # Else the data module would train a tokenizer on the corpus, whose ids mean nothing to these weights.
+        raise ConfigError(f"init={init} comes without its tokenizer.model; pass data.tokenizer=/path/to/tokenizer.model, "
+                          "the one its weights were trained with.")
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     if pretrained is not None and data_cfg.get("tokenizer") is None and pretrained.tokenizer_path is not None:
@@ -83,8 +87,20 @@ def train(cfg: DictConfig) -> RunResult:
             f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only {args.vocab_size}; "
             "use the tokenizer the model was trained with (data.tokenizer=...)."
         )
+    if pretrained is not None:
+        try:  # a data.tokenizer of another vocabulary than the weights' is refused too, not only a larger one
+            check_tokenizer(args, tokenizer)
+        except CheckpointError as error:
+            raise ConfigError(f"{str(error).rstrip('.')} (data.tokenizer=...).") from None
 
     position = OmegaConf.to_container(cfg.position, resolve=True)
+    stored = _kind_and_scale(pretrained.position) if pretrained is not None else None
+    if stored is not None and stored != ("rope", 1.0) and stored != _kind_and_scale(position):
+        # Changing the encoding is the point of a fine-tune, but an extended checkpoint (PI, LLaMA 3.1's llama3
+        # scaling) silently read as plain RoPE at its original window is rarely what was meant.
+        log.warning("init=%s was trained with position=%s scale=%g; this run uses position=%s scale=%g, counted from "
+                    "its base window %d: pass position=%s scale=%g to keep its encoding", init, *stored,
+                    *_kind_and_scale(position), base_window, *stored)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     levers = {key: trainer_cfg.pop(key) for key in PROJECT_TRAINER_KEYS}
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
@@ -134,7 +150,7 @@ def train(cfg: DictConfig) -> RunResult:
         log.info("metrics: %s%s", run_dir / "logs" / "metrics.csv",
                  f" and TensorBoard at {run_dir / 'logs' / 'tensorboard'}" if len(trainer.loggers) > 1 else "")
         log.info("done in %.0f s: %s", elapsed, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-        if stage == "pretrain" and cfg.init is None and cfg.register_base and _is_default_base(cfg):
+        if stage == "pretrain" and cfg.init is None and cfg.resume is None and cfg.register_base and _is_default_base(cfg):
             _register_base(cfg, result.last_checkpoint)
     trainer.strategy.barrier("registered")  # other ranks return only once rank 0's files are in place
     return result
@@ -155,6 +171,11 @@ def _run_dir(cfg: DictConfig) -> Path:
             path = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _kind_and_scale(position: dict[str, Any]) -> tuple[str, float]:
+    scale = position.get("scale")
+    return str(position.get("kind", "rope")), float(scale) if scale is not None else 1.0
 
 
 def _is_multiprocess(trainer: DictConfig) -> bool:
@@ -282,10 +303,14 @@ def _cache_dir(cfg: DictConfig) -> Path:
 
 
 def _base_key(cfg: DictConfig) -> str:
-    """The bundled base is identified by the model shape and the data it is trained on."""
+    """The bundled base is identified by the model shape, the data, the pretraining recipe and the seed:
+    a pretrain with other steps or another lr registers a base of its own instead of replacing the one
+    that fine-tunes without init= start from."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
             if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir")}
-    blob = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "data": data}, sort_keys=True)
+    recipe = {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "finetune"}
+    blob = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "data": data, "optim": recipe,
+                       "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
