@@ -62,6 +62,8 @@ def _position_label(position: Mapping[str, Any] | None) -> str:
     if not position:
         return ""
     scale = position.get("scale")
+    if "kind" not in position:  # a scale alone: each checkpoint's own encoding, rescaled
+        return f" [x{float(scale):g}]" if scale is not None else ""
     return f" [{position['kind']}" + (f" x{scale:g}]" if scale not in (None, 1, 1.0) else "]")
 
 
@@ -76,10 +78,7 @@ def resolve_variants(cfg: DictConfig) -> list[Variant]:
             log.warning("position=%s without scale=S reads positions unscaled (scale 1); pass scale=8 for PI x8", override.get("kind"))
     elif cfg.scale is not None:
         override = {"scale": cfg.scale}  # rescale whatever encoding each checkpoint stores
-    if override and "kind" in override:
-        tag = _position_label(override)
-    else:  # a scale alone rescales each checkpoint's own encoding: the row says so
-        tag = f" [x{float(override['scale']):g}]" if override else ""
+    tag = _position_label(override)  # " [pi x8]", or " [x8]" for a scale alone
     rows = [Variant(_default_name(path, ckpts) + tag, path, override) for path in ckpts]
     for entry in cfg.variants or []:
         entry = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
@@ -114,10 +113,6 @@ def _position_for(pretrained: Pretrained, override: dict[str, Any] | None) -> di
     if override is None:
         return dict(pretrained.position)
     if set(override) == {"scale"}:
-        if pretrained.position.get("kind", "rope") == "rope" and float(override["scale"]) != 1:
-            # Plain RoPE ignores scale: positions run on past the window (direct extrapolation), not PI.
-            log.warning("scale=%g on a RoPE checkpoint only lengthens the window; its positions are not interpolated: "
-                        "pass position=pi scale=%g to read it with PI", override["scale"], override["scale"])
         return {**pretrained.position, "scale": override["scale"]}
     return dict(override)
 
@@ -191,11 +186,34 @@ def _build(pretrained: Pretrained, position: dict[str, Any], device: torch.devic
 
 
 def _check_vocab(model: Llama, tokenizer: Any, name: str) -> None:
-    """The tokenizer's ids must be the model's: none past its embedding table, and not far fewer (another vocabulary)."""
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise EvaluationError(
+            f"{name}: the tokenizer has {tokenizer.vocab_size} pieces but the model only {model.args.vocab_size}; "
+            "set data.tokenizer to the tokenizer.model the checkpoint was trained with."
+        )
+
+
+def _check_tokenizer_for(ckpt: str, pretrained: Pretrained, data_tokenizer: str | None) -> None:
+    """Weights are read with their own tokenizer, or with data.tokenizer when it is set: never with one trained on
+    the corpus (its ids mean nothing to them), nor with one of another vocabulary."""
+    if data_tokenizer is None:
+        if pretrained.tokenizer_path is None:
+            raise EvaluationError(f"{ckpt} comes without its tokenizer.model; pass data.tokenizer=/path/to/"
+                                  "tokenizer.model, the one its weights were trained with.")
+        return
     try:
-        check_tokenizer(model.args, tokenizer)
+        check_tokenizer(pretrained.args, data_tokenizer)
     except CheckpointError as error:
-        raise EvaluationError(f"{name}: {str(error).rstrip('.')} (data.tokenizer=...).") from None
+        raise EvaluationError(f"{ckpt}: {str(error).rstrip('.')} (data.tokenizer={data_tokenizer}).") from None
+
+
+def _warn_if_scale_is_extrapolation(variant: Variant, pretrained: Pretrained) -> None:
+    """scale= alone on a RoPE checkpoint lengthens its window but interpolates nothing: plain RoPE ignores scale."""
+    override, stored = variant.position, pretrained.position
+    if (override is not None and set(override) == {"scale"} and stored.get("kind", "rope") == "rope"
+            and float(override["scale"]) != float(stored.get("scale") or 1)):
+        log.warning("%s: scale=%g on a RoPE checkpoint only lengthens the window, its positions are not interpolated; "
+                    "pass position=pi scale=%g to read it with PI", variant.name, override["scale"], override["scale"])
 
 
 def _preflight(variant: Variant, pretrained: Pretrained, position: dict[str, Any], cfg: DictConfig, tasks: list[str]) -> None:
@@ -276,14 +294,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         _check_ppl_settings(cfg)
     device, dtype = resolve_device(cfg.device), _dtype(cfg.dtype)
     loaded: dict[str, Pretrained] = {}
-    for variant in variants:  # every checkpoint and window is checked before the first long computation
+    positions: dict[str, dict[str, Any]] = {}
+    for variant in variants:  # every checkpoint, tokenizer and window is checked before the first long computation
         if variant.ckpt not in loaded:
             loaded[variant.ckpt] = load_pretrained(variant.ckpt)
-            if loaded[variant.ckpt].tokenizer_path is None and cfg.data.get("tokenizer") is None:
-                # Else a tokenizer would be trained on the corpus, whose ids mean nothing to these weights.
-                raise EvaluationError(f"{variant.ckpt} comes without its tokenizer.model; pass data.tokenizer=/path/to/"
-                                      "tokenizer.model, the one its weights were trained with.")
-        _preflight(variant, loaded[variant.ckpt], _position_for(loaded[variant.ckpt], variant.position), cfg, tasks)
+            _check_tokenizer_for(variant.ckpt, loaded[variant.ckpt], cfg.data.get("tokenizer"))
+        positions[variant.name] = _position_for(loaded[variant.ckpt], variant.position)
+        _warn_if_scale_is_extrapolation(variant, loaded[variant.ckpt])
+        _preflight(variant, loaded[variant.ckpt], positions[variant.name], cfg, tasks)
     torch.manual_seed(cfg.seed)
     collected = Collected(cfg, tasks, device, output_dir(cfg))
     if "attention" in tasks:
@@ -291,7 +309,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     sources = DataSources(OmegaConf.to_container(cfg.data, resolve=True), seq_len=max(cfg.ppl.windows), seed=cfg.seed)
     for variant in variants:
         pretrained = loaded[variant.ckpt]
-        position = _position_for(pretrained, variant.position)
+        position = positions[variant.name]
         model = _build(pretrained, position, device, dtype)
         collected.results["models"].append(
             {

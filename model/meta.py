@@ -264,11 +264,12 @@ def load_meta(folder: str | os.PathLike, *, dtype: str | torch.dtype | None = No
     if int(params.get("vocab_size", -1)) <= 0 and vocab is None and "output.weight" in shards[0]:
         vocab = sum(shard["output.weight"].shape[0] for shard in shards)  # output is always split by vocabulary rows
     args, position, window_note = args_from_params(params, vocab_size=vocab, max_seq_len=max_seq_len, source=str(params_path))
-    if max_seq_len is None and not params.get("max_seq_len"):
-        # The window is the L that PI's scale multiplies: a wrong guess mis-sizes every extension.
-        log.warning("%s does not record the pretraining window: %d is assumed, as for %s; if the weights were "
-                    "pretrained at another window N, use python -m model.convert %s OUT --to hf --max-seq-len N and OUT",
-                    params_path, args.max_seq_len, window_note, folder)
+    if max_seq_len is None and not params.get("max_seq_len") and int(os.environ.get("RANK", "0")) == 0:
+        # The window is the L that PI's scale multiplies: a wrong guess mis-sizes every extension. Meta's own
+        # releases never record it (the guess is right for them); a folder this project exported does not either.
+        log.warning("%s does not record the pretraining window; %d is assumed, as for %s. For weights pretrained at "
+                    "another window N, convert them with python -m model.convert %s OUT --to hf --max-seq-len N and "
+                    "load OUT instead", params_path, args.max_seq_len, window_note, folder)
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in Llama(args).state_dict().items()}
     names = [name for name in shards[0] if name not in _IGNORED]

@@ -50,6 +50,7 @@ CASES = [
     Case("unknown key", [*T, "optim.finetune.lr_typo=1"], "Key 'lr_typo' is not in struct", exit_code=1),
     Case("scale below 1", [*T, "scale=0.5"], "scale=0.5 must be a number >= 1", fast=True),
     Case("scale not a number", [*T, "scale=eight"], "scale='eight' must be a number >= 1"),
+    Case("scaling at scale 1", [*T, "position=pi"], "position=pi at scale 1 reads positions exactly as plain RoPE does", fast=True),
     Case("seq_len zero", [*T, "seq_len=0"], "seq_len=0 must be a positive integer"),
     Case("seq_len not a number", [*T, "seq_len=long"], "seq_len='long' must be a positive integer"),
     Case("seq_len past an absolute table", [*T, "position=absolute", "seq_len=128"],

@@ -459,6 +459,20 @@ def test_hf_export_shards_above_the_size_limit(tmp_path):
     torch.testing.assert_close(hf(input_ids=tokens).logits.detach(), logits(model, tokens), rtol=0, atol=1e-5)
 
 
+def test_a_meta_folder_says_when_its_window_is_guessed(tmp_path, sp_tokenizer, caplog):
+    """params.json never records the pretraining window, the L that PI's scale multiplies: a guess is said."""
+    model = tiny_model({"kind": "rope"}, vocab_size=VOCAB)  # window 32: no LLaMA generation's
+    export(Pretrained.from_model(model, {"kind": "rope"}, sp_tokenizer), tmp_path / "meta", "meta")
+    with caplog.at_level("WARNING", logger="model.meta"):
+        guessed = load_pretrained(tmp_path / "meta")
+    assert guessed.args.max_seq_len != 32 and "does not record the pretraining window" in caplog.text
+    assert "--max-seq-len N" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.meta"):
+        assert load_pretrained(tmp_path / "meta", max_seq_len=32).args.max_seq_len == 32
+    assert "does not record" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "position, changes",
     [

@@ -149,7 +149,7 @@ def test_a_run_is_resumed_only_with_the_position_it_was_trained_with(cache_dir, 
     pi = ("stage=pretrain", "position=pi", "scale=2", "optim.pretrain.max_steps=2", "register_base=false")
     first = train(smoke(cache_dir, tmp_path / "a", *pi))
     with pytest.raises(ConfigError, match=r"trained with position=pi, scale=2 but this run composes position=rope, "
-                                          r"scale=1; resume with the interrupted run's overrides \(e.g. position=pi scale=2\)"):
+                                          r"scale=1; resume with the interrupted run's overrides \(position=pi scale=2\)"):
         validate(smoke(cache_dir, tmp_path / "b", "stage=pretrain", "optim.pretrain.max_steps=3", f"resume={first.last_checkpoint}"))
     with pytest.raises(ConfigError, match="position=pi, scale=4"):
         validate(smoke(cache_dir, tmp_path / "b", *pi[:2], "scale=4", f"resume={first.last_checkpoint}"))
@@ -170,6 +170,18 @@ def test_starting_from_an_extended_checkpoint_with_another_encoding_is_said(cach
     assert "was trained with" not in caplog.text
 
 
+def test_init_keeps_its_own_tokenizer_and_refuses_a_data_tokenizer_of_another_vocabulary(cache_dir, tmp_path):
+    """A model with a wider table than its tokenizer (model.vocab_size=1024 over the 512-piece one) trains on from
+    its own embedded tokenizer; data.tokenizer= of another vocabulary than the table's is refused."""
+    wide = train(smoke(cache_dir, tmp_path / "wide", "stage=pretrain", "model.vocab_size=1024", "optim.pretrain.max_steps=1",
+                       "register_base=false"))
+    one_step = ("optim.finetune.max_steps=1", "register_base=false")
+    train(smoke(cache_dir, tmp_path / "own", f"init={wide.last_checkpoint}", *one_step))  # its own tokenizer: fine
+    tokenizer = load_pretrained(wide.last_checkpoint).tokenizer_path
+    with pytest.raises(ConfigError, match=r"has 512 tokens but .* has 1024 rows, so the two were made for different vocabularies"):
+        train(smoke(cache_dir, tmp_path / "other", f"init={wide.last_checkpoint}", f"data.tokenizer={tokenizer}", *one_step))
+
+
 def test_the_bundled_base_is_registered_per_recipe_and_never_by_a_resumed_run(cache_dir, tmp_path):
     def cfg(run: str, *overrides: str):  # seed 11: no other test of this module's cache registers these bases
         return smoke(cache_dir, tmp_path / run, "stage=pretrain", "seed=11", *overrides)
@@ -179,8 +191,12 @@ def test_the_bundled_base_is_registered_per_recipe_and_never_by_a_resumed_run(ca
     short = train(shorter)
     assert base_path(shorter).exists() and not base_path(default).exists()  # registered under its own recipe only
     base_path(shorter).unlink()
+    # Lengthened on resume: another recipe than the checkpoint's, so not a base of either.
     train(cfg("b", "optim.pretrain.max_steps=3", f"resume={short.last_checkpoint}"))
     assert not base_path(cfg("b", "optim.pretrain.max_steps=3")).exists() and not base_path(shorter).exists()
+    # Resumed with the interrupted run's own recipe (after a SIGTERM, say): registered as an uninterrupted run is.
+    train(cfg("c", "optim.pretrain.max_steps=2", f"resume={short.last_checkpoint}"))
+    assert base_path(shorter).exists()
 
 
 @pytest.mark.parametrize("fused", [False, True])

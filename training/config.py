@@ -132,15 +132,14 @@ def check_resumable(path: Path, strategy: str, position: dict[str, Any] | None =
     if position is not None and isinstance(trained, dict) and position_label(trained) != position_label(position):
         raise ConfigError(f"resume={path} was trained with {position_label(trained)} but this run composes "
                           f"{position_label(position)}; resume with the interrupted run's overrides "
-                          f"(e.g. position={trained.get('kind')} scale={trained.get('scale')}).")
+                          f"({position_label(trained).replace(',', '')}).")
 
 
 def position_label(position: dict[str, Any]) -> str:
-    """"position=pi, scale=8" and any further settings: what a resumed run must share with the interrupted one."""
-    settings = {k: v for k, v in sorted(position.items()) if k not in ("kind", "scale") and v is not None}
+    """"position=pi, scale=8": the encoding a resumed run must share with the interrupted one (its further
+    settings, such as YaRN's betas, are not compared: a resume without overrides loses kind and scale)."""
     scale = position.get("scale")
-    label = f"position={position.get('kind')}, scale={float(scale) if scale is not None else 1.0:g}"
-    return label + "".join(f", {k}={v}" for k, v in settings.items())
+    return f"position={position.get('kind')}, scale={float(scale) if scale is not None else 1.0:g}"
 
 
 def validate_trainer(trainer: DictConfig) -> None:

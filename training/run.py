@@ -87,7 +87,7 @@ def train(cfg: DictConfig) -> RunResult:
             f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only {args.vocab_size}; "
             "use the tokenizer the model was trained with (data.tokenizer=...)."
         )
-    if pretrained is not None:
+    if pretrained is not None and cfg.data.get("tokenizer") is not None:
         try:  # a data.tokenizer of another vocabulary than the weights' is refused too, not only a larger one
             check_tokenizer(args, tokenizer)
         except CheckpointError as error:
@@ -95,7 +95,7 @@ def train(cfg: DictConfig) -> RunResult:
 
     position = OmegaConf.to_container(cfg.position, resolve=True)
     stored = _kind_and_scale(pretrained.position) if pretrained is not None else None
-    if stored is not None and stored != ("rope", 1.0) and stored != _kind_and_scale(position):
+    if stored is not None and stored[1] != 1.0 and stored != _kind_and_scale(position):
         # Changing the encoding is the point of a fine-tune, but an extended checkpoint (PI, LLaMA 3.1's llama3
         # scaling) silently read as plain RoPE at its original window is rarely what was meant.
         log.warning("init=%s was trained with position=%s scale=%g; this run uses position=%s scale=%g, counted from "
@@ -150,8 +150,12 @@ def train(cfg: DictConfig) -> RunResult:
         log.info("metrics: %s%s", run_dir / "logs" / "metrics.csv",
                  f" and TensorBoard at {run_dir / 'logs' / 'tensorboard'}" if len(trainer.loggers) > 1 else "")
         log.info("done in %.0f s: %s", elapsed, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-        if stage == "pretrain" and cfg.init is None and cfg.resume is None and cfg.register_base and _is_default_base(cfg):
-            _register_base(cfg, result.last_checkpoint)
+        if stage == "pretrain" and cfg.init is None and cfg.register_base and _is_default_base(cfg):
+            if cfg.resume is None or _saved_recipe(Path(str(cfg.resume))) == task.optim_config:
+                _register_base(cfg, result.last_checkpoint)
+            else:  # e.g. a fine-tune resumed without its overrides, or a run lengthened on resume
+                log.warning("not registered as the bundled base: resumed from %s, which was trained with another "
+                            "recipe than this run's", cfg.resume)
     trainer.strategy.barrier("registered")  # other ranks return only once rank 0's files are in place
     return result
 
@@ -171,6 +175,14 @@ def _run_dir(cfg: DictConfig) -> Path:
             path = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _saved_recipe(checkpoint: Path) -> dict[str, Any] | None:
+    """The optimizer recipe a single-file training checkpoint was trained with (None for a sharded folder)."""
+    if checkpoint.is_dir():
+        return None
+    saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)  # only the small pickle is read
+    return (saved.get("hyper_parameters") or {}).get("optim")
 
 
 def _kind_and_scale(position: dict[str, Any]) -> tuple[str, float]:
@@ -308,7 +320,7 @@ def _base_key(cfg: DictConfig) -> str:
     that fine-tunes without init= start from."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
             if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir")}
-    recipe = {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k != "finetune"}
+    recipe = {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k not in ("finetune", "fused")}
     blob = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "data": data, "optim": recipe,
                        "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
