@@ -71,6 +71,11 @@ class Reproduction:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg, self.budget = cfg, cfg.budget
         self.work = Path(str(cfg.work_dir))
+        if isinstance(cfg.scale, bool) or not isinstance(cfg.scale, (int, float)) or not cfg.scale > 1:
+            from training.config import ConfigError  # noqa: PLC0415
+
+            # Checked before the first stage: the PI fine-tune would refuse scale 1 only after the base trained.
+            raise ConfigError(f"scale={cfg.scale!r} must be a number > 1: the reproduction extends L to scale x L (e.g. scale=8).")
         self.scale = int(cfg.scale) if float(cfg.scale).is_integer() else float(cfg.scale)
         train_defaults = compose(config_name="config", overrides=[f"model={self.budget.model}"])
         self.window = int(self.budget.get("window") or train_defaults.model.max_seq_len)  # L

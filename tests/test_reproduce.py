@@ -252,6 +252,18 @@ def test_the_base_is_evaluated_by_step_only_where_the_budget_asks(tmp_path: Path
     assert gpu.base_by_step() == [{"step": 0, "ppl_256": 4000.0}] and cpu.base_by_step() is None
 
 
+@pytest.mark.parametrize("scale", ["1", "0.5", "eight"])
+def test_a_scale_that_extends_nothing_is_refused_before_any_stage(tmp_path: Path, scale: str) -> None:
+    from reproduction.pipeline import Reproduction
+    from training.config import ConfigError
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}", f"scale={scale}"])
+        with pytest.raises(ConfigError, match="must be a number > 1: the reproduction extends L"):
+            Reproduction(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_finished_stage_is_reused_until_its_settings_or_its_base_change(tmp_path: Path, monkeypatch) -> None:
     import training.run
     from reproduction.pipeline import Reproduction

@@ -345,7 +345,8 @@ def _register_base(cfg: DictConfig, checkpoint: Path) -> None:
         tmp = target.with_suffix(".tmp")
         shutil.copyfile(checkpoint, tmp)
         os.replace(tmp, target)
-    log.info("registered as the bundled base for this model and data: %s (fine-tunes with init=null start here)", target)
+    log.info("registered as the bundled base for this model, data, pretraining recipe and seed: %s (fine-tunes with "
+             "init=null and the same ones start here)", target)
 
 
 def bundled_base(cfg: DictConfig, run_dir: Path) -> Path:
