@@ -154,8 +154,8 @@ def train(cfg: DictConfig) -> RunResult:
             if cfg.resume is None or _saved_recipe(Path(str(cfg.resume))) == task.optim_config:
                 _register_base(cfg, result.last_checkpoint)
             else:  # e.g. a fine-tune resumed without its overrides, or a run lengthened on resume
-                log.warning("not registered as the bundled base: resumed from %s, which was trained with another "
-                            "recipe than this run's", cfg.resume)
+                log.warning("not registered as the bundled base: resumed from %s, whose recipe is not this run's "
+                            "(or, sharded, cannot be compared)", cfg.resume)
     trainer.strategy.barrier("registered")  # other ranks return only once rank 0's files are in place
     return result
 
