@@ -135,11 +135,17 @@ def check_resumable(path: Path, strategy: str, position: dict[str, Any] | None =
                           f"({position_label(trained).replace(',', '')}).")
 
 
+def kind_and_scale(position: dict[str, Any]) -> tuple[str, float]:
+    """A position config's encoding and scale (1 when unset), comparable across int/float spellings."""
+    scale = position.get("scale")
+    return str(position.get("kind", "rope")), float(scale) if scale is not None else 1.0
+
+
 def position_label(position: dict[str, Any]) -> str:
     """"position=pi, scale=8": the encoding a resumed run must share with the interrupted one (its further
     settings, such as YaRN's betas, are not compared: a resume without overrides loses kind and scale)."""
-    scale = position.get("scale")
-    return f"position={position.get('kind')}, scale={float(scale) if scale is not None else 1.0:g}"
+    kind, scale = kind_and_scale(position)
+    return f"position={kind}, scale={scale:g}"
 
 
 def validate_trainer(trainer: DictConfig) -> None:

@@ -25,7 +25,7 @@ from data import TextDataModule
 from model.checkpoints import CheckpointError, Pretrained, check_tokenizer, load_into, load_pretrained
 
 from .callbacks import Throughput, measured_matmul_peak
-from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, model_args_from_config, validate
+from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, kind_and_scale, model_args_from_config, validate
 from .distributed import build_strategy
 from .faults import FaultTolerance, NonFiniteLossError, ResumingCSVLogger, checkpoint_step
 from .memory import AtomicCheckpointIO, apply_activation_checkpointing, compile_blocks
@@ -94,13 +94,13 @@ def train(cfg: DictConfig) -> RunResult:
             raise ConfigError(f"{str(error).rstrip('.')} (data.tokenizer=...).") from None
 
     position = OmegaConf.to_container(cfg.position, resolve=True)
-    stored = _kind_and_scale(pretrained.position) if pretrained is not None else None
-    if stored is not None and stored[1] != 1.0 and stored != _kind_and_scale(position):
+    stored = kind_and_scale(pretrained.position) if pretrained is not None else None
+    if stored is not None and stored[1] != 1.0 and stored != kind_and_scale(position):
         # Changing the encoding is the point of a fine-tune, but an extended checkpoint (PI, LLaMA 3.1's llama3
         # scaling) silently read as plain RoPE at its original window is rarely what was meant.
         log.warning("init=%s was trained with position=%s scale=%g; this run uses position=%s scale=%g, counted from "
                     "its base window %d: pass position=%s scale=%g to keep its encoding", init, *stored,
-                    *_kind_and_scale(position), base_window, *stored)
+                    *kind_and_scale(position), base_window, *stored)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     levers = {key: trainer_cfg.pop(key) for key in PROJECT_TRAINER_KEYS}
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
@@ -183,11 +183,6 @@ def _saved_recipe(checkpoint: Path) -> dict[str, Any] | None:
         return None
     saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)  # only the small pickle is read
     return (saved.get("hyper_parameters") or {}).get("optim")
-
-
-def _kind_and_scale(position: dict[str, Any]) -> tuple[str, float]:
-    scale = position.get("scale")
-    return str(position.get("kind", "rope")), float(scale) if scale is not None else 1.0
 
 
 def _is_multiprocess(trainer: DictConfig) -> bool:
