@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import NoReturn
-
 import hydra
 from omegaconf import DictConfig
 
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that signal ended
+# Jobs of a multirun sweep that failed: the sweep goes on past them and exits non-zero at the end.
+failed_jobs: list[str] = []
 
 
 def _first_process() -> bool:
@@ -23,8 +23,28 @@ def _first_process() -> bool:
     return all(int(os.environ.get(key, "0")) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
-def _fail(error: Exception) -> NoReturn:
-    """A user's mistake (or a diverged run) gets one sentence and exit status 2, not a traceback."""
+def _sweep_job() -> str | None:
+    """"job 3 (position=pi scale=1)" inside a multirun sweep, None in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra_cfg = HydraConfig.get()
+    return f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
+
+
+def _fail(error: Exception) -> None:
+    """A user's mistake (or a diverged run) gets one sentence and exit status 2, not a traceback.
+
+    In a multirun sweep the other jobs still run (one refused value should not cost a sweep its other runs);
+    the sweep lists its failed jobs at the end and exits 2.
+    """
+    job = _sweep_job()
+    if job is not None:  # logged now, listed again on stderr when the sweep ends
+        logging.getLogger("train").error("%s: %s", job, error)
+        failed_jobs.append(f"{job}: {error}")
+        return
     if _first_process():
         logging.getLogger("train").error("%s", error)
         print(f"error: {error}", file=sys.stderr)
@@ -40,7 +60,7 @@ def main(cfg: DictConfig) -> None:
     try:
         validate(cfg)
     except ConfigError as error:
-        _fail(error)
+        return _fail(error)
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -63,3 +83,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    if failed_jobs:
+        if _first_process():
+            print(f"error: {len(failed_jobs)} job(s) of the sweep failed:\n  " + "\n  ".join(failed_jobs), file=sys.stderr)
+        sys.exit(2)

@@ -51,6 +51,8 @@ CASES = [
     Case("scale below 1", [*T, "scale=0.5"], "scale=0.5 must be a number >= 1", fast=True),
     Case("scale not a number", [*T, "scale=eight"], "scale='eight' must be a number >= 1"),
     Case("scaling at scale 1", [*T, "position=pi"], "position=pi at scale 1 reads positions exactly as plain RoPE does", fast=True),
+    Case("position scale without the scale", [*T, "position=pi", "position.scale=8"],
+         "position.scale=8 differs from scale=1; set the scale once with scale=8"),
     Case("seq_len zero", [*T, "seq_len=0"], "seq_len=0 must be a positive integer"),
     Case("seq_len not a number", [*T, "seq_len=long"], "seq_len='long' must be a positive integer"),
     Case("seq_len past an absolute table", [*T, "position=absolute", "seq_len=128"],

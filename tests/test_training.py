@@ -322,6 +322,8 @@ def test_multirun_sweep_composes(tmp_path):
         (["position=yarn", "position.beta_fast=x"], "position.beta_fast=.x. must be a number"),
         (["position=pi"], r"position=pi at scale 1 reads positions exactly as plain RoPE does; pass scale=S"),
         (["position=yarn", "seq_len=512"], r"position=yarn at scale 1"),
+        (["position=pi", "position.scale=8"], r"position.scale=8 differs from scale=1; set the scale once with scale=8"),
+        (["position=pi", "scale=4", "position.scale=8"], r"position.scale=8 differs from scale=4"),
         (["run_dir=/dev/null/run"], "cannot be written"),
     ],
 )
@@ -334,6 +336,19 @@ def test_bad_values_fail_before_any_data_work(overrides, message):
 def test_unknown_keys_and_options_are_refused_by_hydra(overrides):
     with pytest.raises(HydraException):
         compose_config(*overrides)
+
+
+def test_a_sweep_runs_on_past_a_refused_job_and_exits_non_zero_listing_it(tmp_path):
+    """`-m position=pi,rope scale=1`: the PI job is refused, the RoPE pretrain still runs, the sweep exits 2."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", "experiment=smoke", "position=pi,rope", "register_base=false",
+         f"data.cache_dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/sweep", "run_dir=null"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: 1 job(s) of the sweep failed:\n  job 0 (experiment=smoke position=pi" in result.stderr
+    assert "position=pi at scale 1 reads positions exactly as plain RoPE does" in result.stderr
+    assert list((tmp_path / "sweep" / "1").rglob("last.ckpt")), "the RoPE job after the refused one did not run"
 
 
 def test_train_py_reports_a_bad_override_in_one_sentence_and_exits_non_zero(tmp_path):

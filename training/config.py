@@ -77,6 +77,11 @@ def validate(cfg: DictConfig) -> str:
         check_window_fits(position, cfg.seq_len or round(args.max_seq_len * float(scale)), args.max_seq_len)
     del position
     kind, position_scale = cfg.position.get("kind"), cfg.position.get("scale")
+    if position_scale is not None and float(position_scale) != float(scale):
+        # The stage and the window follow the top-level scale; position.scale=8 alone would pretrain at the
+        # base window an encoding meant for 8x the window (or fine-tune a window that the encoding does not fit).
+        raise ConfigError(f"position.scale={position_scale:g} differs from scale={float(scale):g}; set the scale once "
+                          f"with scale={position_scale:g} (position.scale follows it, and so do the window and the stage).")
     if kind in UNSCALED_IS_ROPE and float(position_scale if position_scale is not None else scale) == 1:
         # Not a run anyone asks for: the same as position=rope, and with scale 1 stage=auto pretrains from scratch.
         raise ConfigError(f"position={kind} at scale 1 reads positions exactly as plain RoPE does; pass scale=S to "
