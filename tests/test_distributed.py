@@ -120,6 +120,10 @@ def test_fsdp_on_two_processes_trains_saves_shards_resumes_and_consolidates(cach
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.is_symlink() and is_sharded_checkpoint(last)
     assert sorted(p.name for p in last.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+    refused = subprocess.run([sys.executable, "train.py", "experiment=smoke", f"data.cache_dir={cache_dir}",
+                              f"run_dir={tmp_path}", *COMMON, *fsdp, "position=pi", "scale=2", f"resume={last}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "was trained with position=rope, scale=1" in refused.stderr, refused.stderr[-2000:]
     run_train(cache_dir, tmp_path, *fsdp, f"optim.pretrain.max_steps={STEPS}", f"resume={last}")
 
     got, expected = losses(tmp_path), one_process["losses"]

@@ -156,6 +156,21 @@ def test_a_run_is_resumed_only_with_the_position_it_was_trained_with(cache_dir, 
     validate(smoke(cache_dir, tmp_path / "b", *pi, f"resume={first.last_checkpoint}"))  # the same overrides: resumable
 
 
+def test_a_sharded_run_is_resumed_only_with_the_position_it_was_trained_with(cache_dir, tmp_path):
+    """An FSDP run's last.ckpt folder: its meta.pt (the step and hyper-parameters beside the shards) is checked."""
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    torch.save({"global_step": 4, "hyper_parameters": {"position": {"kind": "pi", "scale": 8.0, "theta": None}}},
+               folder / "meta.pt")
+    fsdp = ("stage=pretrain", "trainer.strategy=fsdp", f"resume={folder}")
+    with pytest.raises(ConfigError, match=r"trained with position=pi, scale=8 but this run composes position=rope, scale=1"):
+        validate(smoke(cache_dir, tmp_path / "a", *fsdp))
+    validate(smoke(cache_dir, tmp_path / "a", *fsdp, "position=pi", "scale=8"))
+    (folder / "meta.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="cannot be read as a checkpoint"):
+        validate(smoke(cache_dir, tmp_path / "a", *fsdp))
+
+
 def test_starting_from_an_extended_checkpoint_with_another_encoding_is_said(cache_dir, tmp_path, caplog):
     pi = train(smoke(cache_dir, tmp_path / "pi", "stage=pretrain", "position=pi", "scale=2", "optim.pretrain.max_steps=1",
                      "register_base=false"))

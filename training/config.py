@@ -113,7 +113,7 @@ def check_window_fits(position: Any, seq_len: int, base_window: int) -> None:
 
 def check_resumable(path: Path, strategy: str, position: dict[str, Any] | None = None) -> None:
     """resume= needs a training checkpoint (loops and optimizer state), sharded only under trainer.strategy=fsdp,
-    and (for a single file) one trained with `position`, the position config this run composes.
+    and one trained with `position`, the position config this run composes.
 
     Lightning restores the weights and the optimizer into whatever run the config builds: resumed without the
     interrupted run's overrides, a PI fine-tune would go on as a RoPE run at the base window.
@@ -124,13 +124,14 @@ def check_resumable(path: Path, strategy: str, position: dict[str, Any] | None =
         if strategy != "fsdp":
             raise ConfigError(f"resume={path} is a sharded checkpoint; resume it with trainer.strategy=fsdp, "
                               f"or make one file with python -m training.consolidate and start from it with init=.")
-        return
-    try:  # memory-mapped: only the small pickle is read, not the tensors
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        checkpoint = checkpoint_metadata(path)
     except Exception as error:  # noqa: BLE001 (torch's message is long; its type says enough)
         raise ConfigError(f"resume={path} cannot be read as a checkpoint ({type(error).__name__}); it is truncated, "
                           "corrupt or not a torch file, so resume from an earlier one.") from None
-    if not isinstance(checkpoint, dict) or not {"loops", "optimizer_states", "global_step"} <= checkpoint.keys():
+    # A sharded folder keeps the loops and the optimizer in its shards; its meta.pt has the rest.
+    needed = {"global_step"} if path.is_dir() else {"loops", "optimizer_states", "global_step"}
+    if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
         raise ConfigError(f"resume={path} holds weights without the training state (step, optimizer, data position); "
                           f"start from its weights with init={path} instead.")
     trained = (checkpoint.get("hyper_parameters") or {}).get("position")
@@ -138,6 +139,15 @@ def check_resumable(path: Path, strategy: str, position: dict[str, Any] | None =
         raise ConfigError(f"resume={path} was trained with {position_label(trained)} but this run composes "
                           f"{position_label(position)}; resume with the interrupted run's overrides "
                           f"({position_label(trained).replace(',', '')}).")
+
+
+def checkpoint_metadata(path: Path) -> Any:
+    """A training checkpoint's step, hyper-parameters and (single file) loops: a file, or a sharded folder's meta.pt.
+
+    Memory-mapped, so only the small pickle is read, never the tensors; safe (weights_only).
+    """
+    target = path / "meta.pt" if path.is_dir() else path
+    return torch.load(target, map_location="cpu", mmap=True, weights_only=True)
 
 
 def kind_and_scale(position: dict[str, Any]) -> tuple[str, float]:

@@ -25,7 +25,7 @@ from data import TextDataModule
 from model.checkpoints import CheckpointError, Pretrained, check_tokenizer, load_into, load_pretrained
 
 from .callbacks import Throughput, measured_matmul_peak
-from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, kind_and_scale, model_args_from_config, validate
+from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, checkpoint_metadata, kind_and_scale, model_args_from_config, validate
 from .distributed import build_strategy
 from .faults import FaultTolerance, NonFiniteLossError, ResumingCSVLogger, checkpoint_step
 from .memory import AtomicCheckpointIO, apply_activation_checkpointing, compile_blocks
@@ -154,8 +154,8 @@ def train(cfg: DictConfig) -> RunResult:
             if cfg.resume is None or _saved_recipe(Path(str(cfg.resume))) == task.optim_config:
                 _register_base(cfg, result.last_checkpoint)
             else:  # e.g. a fine-tune resumed without its overrides, or a run lengthened on resume
-                log.warning("not registered as the bundled base: resumed from %s, whose recipe is not this run's "
-                            "(or, sharded, cannot be compared)", cfg.resume)
+                log.warning("not registered as the bundled base: resumed from %s, whose recipe is not this run's",
+                            cfg.resume)
     trainer.strategy.barrier("registered")  # other ranks return only once rank 0's files are in place
     return result
 
@@ -178,11 +178,8 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 
 def _saved_recipe(checkpoint: Path) -> dict[str, Any] | None:
-    """The optimizer recipe a single-file training checkpoint was trained with (None for a sharded folder)."""
-    if checkpoint.is_dir():
-        return None
-    saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)  # only the small pickle is read
-    return (saved.get("hyper_parameters") or {}).get("optim")
+    """The optimizer recipe a training checkpoint (a file or a sharded folder) was trained with."""
+    return (checkpoint_metadata(checkpoint).get("hyper_parameters") or {}).get("optim")
 
 
 def _is_multiprocess(trainer: DictConfig) -> bool:
