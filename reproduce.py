@@ -177,7 +177,8 @@ The train split holds {corpus / 1e6:.2f}M tokens; "tokens (passes)" counts what 
 
 {_base_by_step_text(run, budget)}## Table 1 analog: perplexity by evaluation window
 
-Sliding window, stride {min(256, L)}, the test plays{_ppl_cut(budget)}. "No fine-tuning" rows read the RoPE base
+Sliding window with stride min(256, W/8) at window W (the paper's 256 at its shortest window, 2048: every
+scored token is read with at least 7/8 of the window before it), the test plays{_ppl_cut(budget)}. "No fine-tuning" rows read the RoPE base
 with that scaling at scale {cfg.scale}.{_early_stopping_text(run)}
 
 {report.ppl_section(windows, L, ppl)}
@@ -186,7 +187,7 @@ with that scaling at scale {cfg.scale}.{_early_stopping_text(run)}
 
 ## Table 3 analog: by fine-tuning step
 
-Validation plays ({budget['eval_documents']} documents, first 4096 tokens each), passkey with
+Validation plays ({budget['eval_documents']} documents, first 4096 tokens each; the same stride rule), passkey with
 {budget['eval_passkey_trials']} trials at each of 8 distances up to L'. Step 0 is the base read with the run's encoding.
 The paper: {report.PAPER_BY_STEP}
 

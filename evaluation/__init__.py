@@ -6,7 +6,7 @@ from evaluation.errors import EvaluationError
 from evaluation.generation import generate
 from evaluation.limits import check_window, extended_window, readable_length
 from evaluation.passkey import PasskeyPrompter, PasskeyResult, k_max, run_passkey
-from evaluation.perplexity import PerplexityResult, Span, sliding_spans, sliding_window_perplexity
+from evaluation.perplexity import PerplexityResult, Span, sliding_spans, sliding_window_perplexity, window_stride
 
 __all__ = [
     "EvaluationError",
@@ -25,4 +25,5 @@ __all__ = [
     "run_passkey",
     "sliding_spans",
     "sliding_window_perplexity",
+    "window_stride",
 ]

@@ -211,6 +211,19 @@ def _capture(store: dict, key: tuple[int, str], head_dim: int):
     return hook
 
 
+def geometric_theta(position: Any) -> float | None:
+    """The base c of the rotary frequencies c^(-2j/d) a position encoding reads with, or None when they are not
+    of that form (the analysis and its bounds assume it): RoPE's and PI's own theta (PI moves positions, not
+    frequencies), NTK's enlarged one; YaRN, LLaMA 3.1 and dynamic NTK bend the frequencies per j or per length."""
+    kind = getattr(position, "kind", None)
+    if kind in ("rope", "pi"):
+        return float(position.theta)
+    if kind == "ntk":
+        d = position.head_dim
+        return float(position.theta * position.scale ** (d / (d - 2)))
+    return None
+
+
 def analyse_model(
     model: torch.nn.Module,
     tokens: torch.Tensor,
@@ -219,11 +232,15 @@ def analyse_model(
     step: float = 1 / 16,
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Figure 2 with a checkpoint's real queries and keys, on the model's own window L and theta."""
+    """Figure 2 with a checkpoint's real queries and keys, on the model's own window L and the frequencies its
+    position encoding reads with (see geometric_theta)."""
     args = model.args
-    inv_freq = inverse_frequencies(args.head_dim, args.rope_theta)
+    theta = geometric_theta(model.position)
+    if theta is None:
+        raise EvaluationError(f"the attention analysis needs RoPE's geometric frequencies; position {model.position.kind!r} bends them.")
+    inv_freq = inverse_frequencies(args.head_dim, theta)
     h, where = query_key_coefficients(model, tokens, pairs, seed)
-    summary, curves = analyse_coefficients(h, inv_freq, args.rope_theta, args.max_seq_len, extent, step)
+    summary, curves = analyse_coefficients(h, inv_freq, theta, args.max_seq_len, extent, step)
     facts: dict[str, Any] = {}
     for key, values in summary.items():
         facts[f"{key}_median"] = float(np.median(values))
@@ -231,6 +248,6 @@ def analyse_model(
     # The fraction of pairs within the rigorous Taylor bound (the paper's is an approximation of it).
     facts["interpolation_bound_holds"] = float(np.mean(summary["interpolation_error_max"] <= summary["interpolation_bound_exact"] * (1 + 1e-9)))
     facts["pairs"] = len(where)
-    facts.update(_region_facts(args.rope_theta, args.head_dim, args.max_seq_len, extent, curves["b_over_d"]))
+    facts.update(_region_facts(theta, args.head_dim, args.max_seq_len, extent, curves["b_over_d"]))
     curves["pairs"] = np.array([[w["layer"], w["head"], w["query"], w["key"]] for w in where])
     return facts, curves

@@ -9,6 +9,7 @@ short documents and a few passkey trials per distance.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from evaluation import report
 from evaluation.errors import EvaluationError
 from evaluation.limits import check_window, extended_window
 from evaluation.passkey import run_passkey
-from evaluation.perplexity import prepare_documents, sliding_window_perplexity
+from evaluation.perplexity import prepare_documents, sliding_window_perplexity, window_stride
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class ExtensionEvalCallback(Callback):
         every_n_steps: int = 100,
         windows: Sequence[int] = (256, 512, 1024, 2048),
         stride: int = 256,
+        max_stride_fraction: float | None = 0.125,
         split: str = "validation",
         max_documents: int | None = 2,
         max_tokens_per_document: int | None = 4096,
@@ -56,6 +58,7 @@ class ExtensionEvalCallback(Callback):
         if not windows or min(windows) < 2:
             raise EvaluationError(f"windows={list(windows)} must be a non-empty list of lengths >= 2.")
         self.every_n_steps, self.windows, self.stride, self.split = every_n_steps, list(windows), stride, split
+        self.max_stride_fraction = max_stride_fraction  # as evaluate.py's ppl.max_stride_fraction
         self.max_documents, self.max_tokens_per_document, self.batch_size = max_documents, max_tokens_per_document, batch_size
         self.passkey_window, self.passkey_positions, self.passkey_trials = passkey_window, passkey_positions, passkey_trials
         self.at_start, self.out_path, self.seed = at_start, Path(out_path) if out_path else None, seed
@@ -88,8 +91,7 @@ class ExtensionEvalCallback(Callback):
         row: dict[str, Any] = {"step": step}
         for window in self.windows:
             check_window(model, window, f"the callback's ppl window {window}")
-            # Windows shorter than the paper's stride (tiny test models) are read as non-overlapping chunks.
-            stride = min(self.stride, window)
+            stride = window_stride(self.stride, window, self.max_stride_fraction)
             result = sliding_window_perplexity(model, self._documents, window, stride, self.batch_size)
             row[f"ppl_{window}"] = result.ppl
         if self.passkey_trials > 0 and not self._passkey_skipped:
@@ -106,6 +108,15 @@ class ExtensionEvalCallback(Callback):
             row["passkey_k_max"] = passkey.k_max
             row["passkey_success"] = float(np.mean(passkey.success_rates))
         return row
+
+    # -- checkpointing: a resumed run keeps the rows of the steps before it (step 0 included) --
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [{k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()} for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(row) for row in state_dict.get("rows", [])]
+        self._last_step = self.rows[-1]["step"] if self.rows else None  # resumed at that step: not evaluated again
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
@@ -132,14 +143,16 @@ class ExtensionEvalCallback(Callback):
     def _write(self, trainer: L.Trainer) -> None:
         path = self.out_path or Path(trainer.log_dir or trainer.default_root_dir) / "eval_by_step.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Rewritten whole after every evaluation (a few rows): the files are complete whenever training stops.
-        path.write_text(json.dumps(report.to_jsonable(self.rows), indent=1) + "\n")
+        # Rewritten whole, atomically, after every evaluation (a few rows): the files are complete whenever
+        # training stops.
+        report.write_text(path, json.dumps(report.to_jsonable(self.rows), indent=1) + "\n")
         columns = list(dict.fromkeys(k for r in self.rows for k in r))  # the union: a skipped passkey leaves gaps
-        with path.with_suffix(".csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        path.with_suffix(".md").write_text(report.by_step_markdown(self.rows) + "\n")
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        report.write_text(path.with_suffix(".csv"), table.getvalue())
+        report.write_text(path.with_suffix(".md"), report.by_step_markdown(self.rows) + "\n")
 
 
 def _finite(value: Any) -> bool:

@@ -81,6 +81,12 @@ class PasskeyResult:
 
 
 @torch.no_grad()
+def is_retrieved(text: str, key: str) -> bool:
+    """The answer spells the key as a whole number: "12345." and "12345 is" count, "123456" does not (the
+    continuation may run past the key: every prompt gets the longest key's answer budget)."""
+    return text.startswith(key) and not text[len(key) : len(key) + 1].isdigit()
+
+
 def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, n_new: int) -> torch.Tensor:
     """Greedy decoding of n_new tokens for a batch of equal-length prompts (b, n), with the KV cache."""
     batch, length = prompts.shape
@@ -130,7 +136,7 @@ def run_passkey(
             for key, continuation in zip(batch_keys, continuations.tolist()):
                 text = tokenizer.decode(continuation).strip()
                 row_text.append(text)
-                row_ok.append(text.startswith(key))
+                row_ok.append(is_retrieved(text, key))
         successes.append(row_ok)
         answers.append(row_text)
     return PasskeyResult(window, length, distances, successes, threshold, answers, keys[: len(distances)])

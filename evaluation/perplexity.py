@@ -5,6 +5,11 @@ tokens (each from the tokens before it); every later window scores only the toke
 window scored, i.e. its last `stride` tokens, so each of them is read with at least
 window - stride tokens of left context. The output head is applied to the scored positions
 only, so memory is that of one batch of windows whatever the document or window length.
+
+The paper's stride is 256 at windows of 2048 and more, so every scored token sees at least 7/8 of
+its window. Read at a short window (a small model's L), the same 256 tokens would leave tokens
+with little or no context and inflate the short windows' perplexity; `window_stride` caps the
+stride at a fraction of the window (1/8 by default) to keep the paper's least context.
 """
 
 from __future__ import annotations
@@ -62,8 +67,17 @@ def sliding_spans(n_tokens: int, window: int, stride: int) -> list[Span]:
         if end > score_from:
             spans.append(Span(start, end, score_from))
         scored_until = end
-        start += stride
+        # With stride == window the next window would start at the first unscored token, which it cannot
+        # score; starting one token earlier gives that token one token of context instead of dropping it.
+        start = min(start + stride, scored_until - 1)
     return spans
+
+
+def window_stride(stride: int, window: int, max_fraction: float | None = 0.125) -> int:
+    """The stride `window` is read with: `stride`, at most window x max_fraction (None: no cap), at least 1."""
+    if max_fraction is None:
+        return stride
+    return max(1, min(stride, int(window * max_fraction)))
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,26 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomically: a reader (or a run killed midway) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Indented, strict JSON."""
-    path.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
+    """Indented, strict JSON, written atomically."""
+    write_text(path, json.dumps(to_jsonable(payload), indent=2) + "\n")
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A PNG, written atomically, and the figure closed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
 
 
 def read_results(path: Path) -> dict[str, Any]:
@@ -85,12 +103,16 @@ def by_step_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return markdown_table(["step", *columns], body)
 
 
-def plot_perplexity(path: Path, windows: Sequence[int], table: Mapping[str, Mapping[int, float]], stride: int) -> None:
-    """Perplexity by evaluation window, one line per model (log-log)."""
+def plot_perplexity(path: Path, windows: Sequence[int], table: Mapping[str, Mapping[int, float]], stride: str) -> bool:
+    """Perplexity by evaluation window, one line per model (log-log); a non-finite perplexity (a model that
+    broke down) is left out of its line. False, and no file, when no model has a finite one."""
+    finite = {name: [w for w in windows if w in by_window and math.isfinite(by_window[w] or math.nan) and by_window[w] > 0]
+              for name, by_window in table.items()}
+    if not any(finite.values()):
+        return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, by_window in table.items():
-        ws = [w for w in windows if w in by_window]
-        ax.plot(ws, [by_window[w] for w in ws], marker="o", label=name)
+    for name, ws in finite.items():
+        ax.plot(ws, [table[name][w] for w in ws], marker="o", label=name + ("" if len(ws) == len(table[name]) else " (inf left out)"))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(list(windows), [str(w) for w in windows])
@@ -99,8 +121,8 @@ def plot_perplexity(path: Path, windows: Sequence[int], table: Mapping[str, Mapp
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
+    return True
 
 
 def plot_passkey(path: Path, results: Mapping[str, Mapping[str, Any]]) -> None:
@@ -118,8 +140,7 @@ def plot_passkey(path: Path, results: Mapping[str, Mapping[str, Any]]) -> None:
         ax.set_title(f"{name}: k_max = {result['k_max']} (window {result['window']})", fontsize=9)
     axes[-1, 0].set_xlabel("distance k of the key from the end (tokens)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_attention(path: Path, facts: Mapping[str, Any], curves: Mapping[str, np.ndarray], title: str, row: int = 0) -> None:
@@ -161,5 +182,4 @@ def plot_attention(path: Path, facts: Mapping[str, Any], curves: Mapping[str, np
     ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

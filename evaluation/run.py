@@ -20,17 +20,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from model import Llama, build_position
+from model import Llama, build_position, keep_stored_settings
 from model.checkpoints import CheckpointError, Pretrained, check_tokenizer, load_pretrained
 from model.position import RoPE
 
 from evaluation import report
-from evaluation.attention import analyse_model, fit_random_scores
+from evaluation.attention import analyse_model, fit_random_scores, geometric_theta
 from evaluation.errors import EvaluationError
 from evaluation.generation import generate
 from evaluation.limits import check_window, extended_window, readable_length
 from evaluation.passkey import run_passkey
-from evaluation.perplexity import prepare_documents, sliding_window_perplexity
+from evaluation.perplexity import prepare_documents, sliding_window_perplexity, window_stride
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _position_for(pretrained: Pretrained, override: dict[str, Any] | None) -> di
         return dict(pretrained.position)
     if set(override) == {"scale"}:
         return {**pretrained.position, "scale": override["scale"]}
-    return dict(override)
+    return keep_stored_settings(override, pretrained.position)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -260,9 +260,10 @@ class Collected:
             table = {name: {w: r["ppl"] for w, r in by_window.items()} for name, by_window in self.ppl.items()}
             results["ppl"], results["ppl_table"] = self.ppl, table
             text = report.ppl_markdown(windows, table)
-            markdown.append(f"## Perplexity (sliding window, stride {cfg.ppl.stride}, {cfg.split} split)\n\n{text}")
-            report.plot_perplexity(out / "ppl.png", windows, table, cfg.ppl.stride)
-            self.figures.append("ppl.png")
+            stride = stride_text(cfg.ppl)
+            markdown.append(f"## Perplexity (sliding window, stride {stride}, {cfg.split} split)\n\n{text}")
+            if report.plot_perplexity(out / "ppl.png", windows, table, stride):
+                self.figures.append("ppl.png")
             print(text)
         if self.passkey:
             results["passkey"] = self.passkey
@@ -279,7 +280,7 @@ class Collected:
             markdown.append("## Samples\n\n" + "\n\n".join(f"**{n}**\n\n```\n{prompt}{s}\n```" for n, s in self.samples.items()))
         results["figures"] = self.figures
         report.write_json(out / "results.json", results)
-        (out / "results.md").write_text("\n\n".join(markdown) + "\n")
+        report.write_text(out / "results.md", "\n\n".join(markdown) + "\n")
         print(f"results written to {out.resolve()}")
         return results
 
@@ -347,7 +348,8 @@ def _ppl(cfg: DictConfig, variant: Variant, model: Llama, documents: list[np.nda
     by_window = {}
     for window in p.windows:
         check_window(model, window, f"the ppl window {window}")
-        result = sliding_window_perplexity(model, docs, window, p.stride, p.batch_size, device)
+        stride = window_stride(int(p.stride), window, p.max_stride_fraction)
+        result = sliding_window_perplexity(model, docs, window, stride, p.batch_size, device)
         by_window[window] = result.to_dict()
         log.info("%s: window %d ppl %.3f over %d tokens", variant.name, window, result.ppl, result.tokens)
     collected.ppl[variant.name] = by_window
@@ -375,13 +377,16 @@ def _paper_fit(cfg: DictConfig, collected: Collected) -> None:
 def _attention(cfg: DictConfig, variant: Variant, model: Llama, documents: list[np.ndarray], device: torch.device, collected: Collected) -> None:
     """The fit for the model's own d, L and theta (once per shape), and its real queries and keys."""
     a, args = cfg.attention, model.args
-    if not isinstance(model.position, RoPE):
-        collected.attention.setdefault("query_key", {})[variant.name] = {"skipped": f"position {model.position.kind!r} is not rotary"}
+    theta = geometric_theta(model.position)
+    if theta is None:
+        why = "is not rotary" if not isinstance(model.position, RoPE) else "bends RoPE's geometric frequencies, which the analysis assumes"
+        collected.attention.setdefault("query_key", {})[variant.name] = {"skipped": f"position {model.position.kind!r} {why}"}
+        log.warning("attention analysis skipped for %s: position %s %s", variant.name, model.position.kind, why)
         return
-    label = f"fit d={args.head_dim} L={args.max_seq_len} c={args.rope_theta:g}"
+    label = f"fit d={args.head_dim} L={args.max_seq_len} c={theta:g}"
     fits = collected.attention.setdefault("fits", {})
     if label not in fits:
-        fits[label], _ = fit_random_scores(args.head_dim, args.max_seq_len, args.rope_theta, a.extent, a.step, cfg.seed, a.rcond)
+        fits[label], _ = fit_random_scores(args.head_dim, args.max_seq_len, theta, a.extent, a.step, cfg.seed, a.rcond)
         _print_attention(label, fits[label])
     tokens = torch.as_tensor(max(documents, key=len)[: args.max_seq_len].astype(np.int64), device=device)
     facts, curves = analyse_model(model, tokens, a.pairs, a.extent, a.step, cfg.seed)
@@ -412,8 +417,22 @@ def _check_ppl_settings(cfg: DictConfig) -> None:
     windows = list(cfg.ppl.windows)
     if not windows or any(not isinstance(w, int) or w < 2 for w in windows):
         raise EvaluationError(f"ppl.windows={windows} must be a non-empty list of integers >= 2.")
-    if any(cfg.ppl.stride > w for w in windows):
-        raise EvaluationError(f"ppl.stride={cfg.ppl.stride} is longer than the window {min(windows)}; use a stride <= every window.")
+    stride, fraction = cfg.ppl.stride, cfg.ppl.max_stride_fraction
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise EvaluationError(f"ppl.stride={stride!r} must be a positive integer (the paper's is 256).")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
+        raise EvaluationError(f"ppl.max_stride_fraction={fraction!r} must be in (0, 1] or null (the paper's least context: 0.125).")
+    if fraction is None and stride > min(windows):
+        raise EvaluationError(f"ppl.stride={stride} is longer than the window {min(windows)}; use a stride <= every window.")
+
+
+def stride_text(ppl: Any) -> str:
+    """How the tables name the stride: "256", or "min(256, window/8)" when the cap applies to some window."""
+    fraction = ppl.max_stride_fraction
+    if fraction is None or all(window_stride(int(ppl.stride), w, fraction) == ppl.stride for w in ppl.windows):
+        return str(ppl.stride)
+    cap = f"window/{1 / fraction:g}" if (1 / fraction).is_integer() else f"window x {fraction:g}"
+    return f"min({ppl.stride}, {cap})"
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -468,4 +487,6 @@ def _attention_markdown(results: Mapping[str, Any]) -> str:
         if "skipped" not in facts:
             columns.append((f"{name}: real q/k, median of {facts['pairs']}", _medians(facts)))
     rows = [[label, *(f"{facts[key]:.4g}" if key in facts else "" for _, facts in columns)] for key, label in ATTENTION_ROWS]
-    return report.markdown_table(["quantity", *(c for c, _ in columns)], rows)
+    skipped = [f"{name}: {facts['skipped']}" for name, facts in results.get("query_key", {}).items() if "skipped" in facts]
+    note = "\n\nNot analysed: " + "; ".join(skipped) + "." if skipped else ""
+    return report.markdown_table(["quantity", *(c for c, _ in columns)], rows) + note

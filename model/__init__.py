@@ -21,6 +21,22 @@ def build_position(args: ModelArgs, position: Mapping[str, Any]) -> PositionEnco
     )
 
 
+def keep_stored_settings(requested: Mapping[str, Any], stored: Mapping[str, Any]) -> dict[str, Any]:
+    """`requested` with the settings it leaves null (but its scale) taken from `stored`, when both name the same
+    encoding.
+
+    A checkpoint may carry settings a config group leaves to the model: LLaMA 3.1 read from HF has
+    original_window 8192 while its window is 16384 (x 8 = 131072), so `position=llama3 scale=8` with
+    original_window null would otherwise rotate with the frequencies of a 16384 window.
+    """
+    merged = dict(requested)
+    if merged.get("kind") == stored.get("kind"):
+        for key, value in stored.items():  # the scale is the run's own choice, never inherited
+            if key != "scale" and merged.get(key) is None and value is not None:
+                merged[key] = value
+    return merged
+
+
 def build_model(args: ModelArgs, position: Mapping[str, Any] | None = None) -> Llama:
     """A freshly initialised model; `position` defaults to plain RoPE with the model's theta."""
     return Llama(args, build_position(args, position or {"kind": "rope"}))
@@ -28,6 +44,7 @@ def build_model(args: ModelArgs, position: Mapping[str, Any] | None = None) -> L
 
 __all__ = [
     "KINDS",
+    "keep_stored_settings",
     "PRESETS",
     "KVCache",
     "Llama",

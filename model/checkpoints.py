@@ -233,6 +233,9 @@ def load_project_checkpoint(path: Path, dtype: str | torch.dtype | None = None) 
             hint = "; it looks like a Meta consolidated shard, so pass the folder that holds it and params.json"
         raise CheckpointError(f"{path} is not a checkpoint of this project (no {PROJECT_KEY!r} entry){hint}.")
     meta = checkpoint.pop(PROJECT_KEY)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_args"), dict) or not isinstance(meta.get("position"), dict):
+        raise CheckpointError(f"{path} has a damaged {PROJECT_KEY!r} entry (no model_args or position); it was not "
+                              "written by this project's trainer, so start from another checkpoint.")
     global_step = checkpoint.get("global_step")
     dtype = resolve_dtype(dtype)
     # Optimizer states and the like are dropped at once: only the model's tensors stay referenced.
@@ -242,8 +245,12 @@ def load_project_checkpoint(path: Path, dtype: str | torch.dtype | None = None) 
         raise CheckpointError(f"{path} has no 'state_dict' of tensors; it was not written by this project's trainer.")
     state = {k.removeprefix("model."): cast_tensor(full_state.pop(k), dtype) for k in list(full_state) if k.startswith("model.")}
     tokenizer_path = _materialise_tokenizer(meta.get("tokenizer_model"))
+    try:
+        args = ModelArgs.from_dict(meta["model_args"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} records model settings this project cannot build ({error}).") from None
     return Pretrained(
-        args=ModelArgs.from_dict(meta["model_args"]),
+        args=args,
         position=dict(meta["position"]),
         state_dict=state,
         tokenizer_path=tokenizer_path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -154,36 +155,87 @@ def to_hf_config(args: ModelArgs, position: Mapping[str, Any]) -> dict[str, Any]
     return config
 
 
+# The rope_scaling keys each type is read with; any other key may change the frequencies, so it is refused
+# rather than dropped. `finetuned` (early YaRN releases) is informational: transformers ignores it too.
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate", "finetuned"},
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+}
+_ROPE_COMMON_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+
+
+def _yarn_mscale(factor: float, weight: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * weight * ln(s) + 1 (1 when nothing is scaled)."""
+    return 0.1 * weight * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
 def from_hf_config(config: Mapping[str, Any]) -> tuple[ModelArgs, dict[str, Any]]:
-    """(ModelArgs, position config) from an HF config.json (legacy `rope_scaling` or newer `rope_parameters`)."""
-    if config.get("tie_word_embeddings"):
-        raise ValueError("this HF config ties input and output embeddings; LLaMA checkpoints never do.")
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    """(ModelArgs, position config) from an HF config.json (legacy `rope_scaling` or newer `rope_parameters`).
+
+    The project's window is the base window L whose multiple L x scale the model reads; HF's
+    `max_position_embeddings` is, depending on the type and the model's age, either that extended window or L
+    itself. For YaRN and LLaMA 3 scaling the frequencies follow `original_max_position_embeddings`, kept as the
+    position's `original_window` (LLaMA 3.1: 8192, while it reads 131072 = 16384 x 8).
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError("it is not a JSON object of settings")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise ValueError(f"its rope_scaling is {rope!r}, not a JSON object")
+    rope = dict(rope)
     theta = float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in _ROPE_KEYS:
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(_ROPE_KEYS)}")
+    unknown = sorted(set(rope) - _ROPE_KEYS[rope_type] - _ROPE_COMMON_KEYS)
+    if unknown:
+        raise ValueError(f"its {rope_type} rope scaling has key(s) {unknown} that this loader does not implement "
+                         f"(it reads {sorted(_ROPE_KEYS[rope_type])}), so the model would be read with other frequencies")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"partial_rotary_factor={rope['partial_rotary_factor']} rotates only part of each head; LLaMA rotates all of it")
+    if rope.get("truncate", True) is False:
+        raise ValueError("its yarn rope scaling sets truncate=false, an unrounded ramp this project does not implement")
     max_pos = int(config.get("max_position_embeddings", 2048))
-    factor = float(rope.get("factor") or 1.0)
+    original = int(rope.get("original_max_position_embeddings") or max_pos)  # transformers' default, too
+    given = rope.get("factor")
+    factor = float(given) if given is not None else (max_pos / original if rope_type == "yarn" else 1.0)
+    if rope_type != "default" and not factor >= 1:
+        raise ValueError(f"its {rope_type} rope scaling has factor={rope.get('factor')!r}; a factor must be >= 1")
+    position: dict[str, Any]
     if rope_type == "default":
         window, position = max_pos, {"kind": "rope"}
     elif rope_type == "linear":
-        window, position = round(max_pos / factor), {"kind": "pi", "scale": factor}
+        # max_position_embeddings is usually the extended window (LLaMA-2-7B-32K: 32768 at factor 8), but
+        # some releases keep the original one there and state the extended one as max_sequence_length
+        # (Vicuna/LongChat 16K: 4096 and 16384 at factor 4).
+        extended = max_pos
+        if int(config.get("max_sequence_length") or 0) == round(max_pos * factor):
+            extended = int(config["max_sequence_length"])
+        window, position = round(extended / factor), {"kind": "pi", "scale": factor}
     elif rope_type == "dynamic":
+        if factor == 1.0:  # transformers still grows the base past the window; here scale 1 means no scaling
+            raise ValueError("its dynamic rope scaling has factor 1, which transformers reads as growing the base past the "
+                             "window and this project as no scaling; set the factor the model was meant for")
         window, position = max_pos, {"kind": "dynamic", "scale": factor}
-    elif rope_type == "yarn":
-        window = int(rope.get("original_max_position_embeddings") or max_pos / factor)
-        position = {"kind": "yarn", "scale": factor, "beta_fast": rope.get("beta_fast") or 32.0, "beta_slow": rope.get("beta_slow") or 1.0}
-        if rope.get("attention_factor") is not None:
-            position["attention_factor"] = float(rope["attention_factor"])
-    elif rope_type == "llama3":
-        window = int(rope["original_max_position_embeddings"])
-        position = {
-            "kind": "llama3",
-            "scale": factor,
-            "low_freq_factor": float(rope["low_freq_factor"]),
-            "high_freq_factor": float(rope["high_freq_factor"]),
-        }
-    else:
-        raise ValueError(f"rope type {rope_type!r} in config.json is not supported; supported: default, linear, dynamic, yarn, llama3.")
+    else:  # yarn, llama3: the extended window is max_position_embeddings when it exceeds the original one
+        extended = max_pos if max_pos > original else round(original * factor)
+        window = round(extended / factor)
+        if rope_type == "yarn":
+            position = {"kind": "yarn", "scale": factor, "original_window": original,
+                        "beta_fast": float(rope.get("beta_fast") or 32.0), "beta_slow": float(rope.get("beta_slow") or 1.0)}
+            attention = rope.get("attention_factor")
+            if attention is None and rope.get("mscale") and rope.get("mscale_all_dim"):
+                # transformers' rule for DeepSeek-style configs: the ratio of two weighted YaRN temperatures
+                attention = _yarn_mscale(factor, float(rope["mscale"])) / _yarn_mscale(factor, float(rope["mscale_all_dim"]))
+            if attention is not None:
+                position["attention_factor"] = float(attention)
+        else:
+            position = {"kind": "llama3", "scale": factor, "original_window": original,
+                        "low_freq_factor": float(rope["low_freq_factor"]), "high_freq_factor": float(rope["high_freq_factor"])}
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     head_dim = config.get("head_dim")
     if head_dim is not None and int(head_dim) != hidden // heads:
@@ -242,6 +294,8 @@ def load_hf(folder: str | os.PathLike, *, dtype: str | torch.dtype | None = None
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{config_path} is not readable JSON ({error}); copy it again from the original download.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object of model settings; copy it again from the original download.")
     _check_llama_config(config, config_path)
     try:
         args, position = from_hf_config(config)
@@ -258,6 +312,10 @@ def load_hf(folder: str | os.PathLike, *, dtype: str | torch.dtype | None = None
                 raise CheckpointError(f"{path}: {error.args[0]}") from None
             if name is not None:
                 state[name] = cast_tensor(tensor, dtype)
+    if config.get("tie_word_embeddings") and "output.weight" not in state and "tok_embeddings.weight" in state:
+        # LLaMA 3.2 1B/3B read logits through the embedding matrix and save no lm_head; the project's LLaMA has
+        # its own output matrix, so it starts as a copy (a copy, not a view: safetensors refuses shared tensors).
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
     # HF's LLaMA 3 repositories keep Meta's tokenizer.model (tiktoken) under original/, beside tokenizer.json.
     found = [t for t in (folder / "tokenizer.model", folder / "original" / "tokenizer.model") if t.is_file()]
     tokenizer_path = found[0] if found else None
@@ -335,7 +393,9 @@ def save_hf(pretrained: Pretrained, folder: str | os.PathLike, *, max_shard_byte
     if pretrained.tokenizer_path is not None:
         shutil.copyfile(pretrained.tokenizer_path, folder / "tokenizer.model")
         if tok.kind == "sentencepiece":
-            tokenizer_config = sentencepiece_tokenizer_config(pretrained.tokenizer_path, config["max_position_embeddings"])
+            # The window the model reads (for dynamic NTK max_position_embeddings is the original one instead).
+            extended = round(pretrained.args.max_seq_len * float(pretrained.position.get("scale") or 1.0))
+            tokenizer_config = sentencepiece_tokenizer_config(pretrained.tokenizer_path, extended)
             (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
         else:
             log.warning("this export writes no HF tokenizer configuration for LLaMA 3's tiktoken tokenizer.model: copy "

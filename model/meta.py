@@ -67,8 +67,18 @@ PARAMS_KEYS = {
     "use_scaled_rope",
     "max_seq_len",
 }
-# LLaMA 3.1's use_scaled_rope: its apply_scaling hard-codes these.
+# LLaMA 3.1's use_scaled_rope: its apply_scaling hard-codes these. LLaMA 3.2's 1B and 3B text models set the
+# same flag but were released with factor 32 (HF's conversion script says so; params.json cannot), and both
+# generations read a 131072-token context.
 LLAMA31_SCALING = {"kind": "llama3", "scale": 8.0, "original_window": 8192, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+LLAMA32_SHAPES = {(2048, 16), (3072, 28)}  # (dim, n_layers) of LLaMA 3.2 1B and 3B
+SCALED_ROPE_CONTEXT = 131072
+
+
+def scaled_rope(dim: int, n_layers: int) -> dict[str, Any]:
+    """The llama3 position config that Meta's use_scaled_rope stands for, for a model of this shape."""
+    factor = 32.0 if (dim, n_layers) in LLAMA32_SHAPES else 8.0
+    return {**LLAMA31_SCALING, "scale": factor}
 
 
 # ----------------------------------------------------------------------------- rotary layout
@@ -124,10 +134,20 @@ def args_from_params(
                 "put the tokenizer.model that came with the weights beside params.json."
             )
         vocab = int(vocab_size)
+    try:
+        shape = int(params["dim"]), int(params["n_layers"])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source} has dim={params['dim']!r}, n_layers={params['n_layers']!r}; both must be integers.") from None
+    position = scaled_rope(*shape) if params.get("use_scaled_rope") else {"kind": "rope"}
     if max_seq_len is not None:
         window, why = int(max_seq_len), "given explicitly"
     elif params.get("max_seq_len"):
         window, why = int(params["max_seq_len"]), "params.json max_seq_len"
+    elif position["kind"] == "llama3":
+        # Known, not guessed: the window is the one that scale multiplies to the released context (the
+        # frequencies follow original_window, 8192).
+        window = SCALED_ROPE_CONTEXT // int(position["scale"])
+        why = f"LLaMA 3.1/3.2 (use_scaled_rope: a {SCALED_ROPE_CONTEXT}-token context at factor {position['scale']:g})"
     else:
         window, why = guess_max_seq_len(params)
     try:
@@ -145,7 +165,6 @@ def args_from_params(
         )
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{source} does not describe a valid LLaMA: {error}") from None
-    position = dict(LLAMA31_SCALING) if params.get("use_scaled_rope") else {"kind": "rope"}
     return args, position, why
 
 
@@ -172,7 +191,7 @@ def params_from_args(args: ModelArgs, position: Mapping[str, Any]) -> dict[str, 
     if kind == "ntk" and scale != 1.0:  # static NTK is plain RoPE with a larger base
         theta = theta * scale ** (args.head_dim / (args.head_dim - 2))
     elif kind == "llama3" and scale != 1.0:
-        wanted = {k: v for k, v in LLAMA31_SCALING.items() if k != "kind"}
+        wanted = {k: v for k, v in scaled_rope(args.dim, args.n_layers).items() if k != "kind"}
         actual = {
             "scale": scale,
             "original_window": original,
@@ -264,7 +283,8 @@ def load_meta(folder: str | os.PathLike, *, dtype: str | torch.dtype | None = No
     if int(params.get("vocab_size", -1)) <= 0 and vocab is None and "output.weight" in shards[0]:
         vocab = sum(shard["output.weight"].shape[0] for shard in shards)  # output is always split by vocabulary rows
     args, position, window_note = args_from_params(params, vocab_size=vocab, max_seq_len=max_seq_len, source=str(params_path))
-    if max_seq_len is None and not params.get("max_seq_len") and int(os.environ.get("RANK", "0")) == 0:
+    guessed = max_seq_len is None and not params.get("max_seq_len") and position["kind"] != "llama3"
+    if guessed and int(os.environ.get("RANK", "0")) == 0:
         # The window is the L that PI's scale multiplies: a wrong guess mis-sizes every extension. Meta's own
         # releases never record it (the guess is right for them); a folder this project exported does not either.
         log.warning("%s does not record the pretraining window; %d is assumed, as for %s. For weights pretrained at "

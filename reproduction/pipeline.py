@@ -267,7 +267,7 @@ class Reproduction:
         b = self.budget
         values = {"task": f"[{','.join(tasks)}]", "out_dir": self.work / "eval" / name, "seed": self.cfg.seed,
                   "dtype": b.dtype, "ppl.windows": f"[{','.join(map(str, self.windows))}]",
-                  "ppl.stride": min(256, self.window), "ppl.max_tokens_per_document": _null(b.ppl_max_tokens_per_document),
+                  "ppl.stride": 256, "ppl.max_tokens_per_document": _null(b.ppl_max_tokens_per_document),
                   "passkey.num_positions": b.passkey_positions, "passkey.trials": b.passkey_trials,
                   "passkey.batch_size": b.passkey_trials,
                   **settings}  # one override per key: a setting replaces the default, and the logged command stays unambiguous

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import ROOT, tiny_model
 
-from model import build_model
+from model import build_model, keep_stored_settings
 from model.checkpoints import (
     PROJECT_KEY,
     CheckpointError,
@@ -28,7 +29,8 @@ from model.checkpoints import (
     tokenizer_info,
 )
 from model.convert import convert, export, parse_size
-from model.meta import args_from_params, guess_max_seq_len
+from evaluation.limits import extended_window
+from model.meta import args_from_params, guess_max_seq_len, params_from_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -275,11 +277,100 @@ HF_CONFIGS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16,
                       "low_freq_factor": 1.0, "high_freq_factor": 4.0},
     ),  # fmt: skip
+    # LLaMA 3.1's layout: max_position_embeddings (131072) is not original x factor (65536); at this size 256 vs 128
+    "llama31-context": dict(
+        rope_theta=500000.0, max_position_embeddings=256,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16,
+                      "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    ),  # fmt: skip
+    # LLaMA 3.2 1B/3B: tied embeddings (no lm_head saved), llama3 scaling at factor 32
+    "llama32-tied": dict(
+        rope_theta=500000.0, max_position_embeddings=512, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "original_max_position_embeddings": 16,
+                      "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    ),  # fmt: skip
+    # early YaRN configs: no original_max_position_embeddings, which transformers takes to be max_position_embeddings
+    "yarn-without-original": dict(max_position_embeddings=32, rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+    # DeepSeek-style YaRN temperature: the ratio of two weighted mscale terms (1.0 here, not 0.1 ln 4 + 1)
+    "yarn-mscale": dict(
+        max_position_embeddings=128,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.707,
+                      "mscale_all_dim": 1.0},
+    ),  # fmt: skip
+    # Vicuna/LongChat 16K: max_position_embeddings is the original window, max_sequence_length the extended one
+    "linear-max-sequence-length": dict(max_position_embeddings=32, max_sequence_length=128,
+                                       rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
+# The window each config is read at: the model reads L x scale tokens.
+HF_EXTENDED_WINDOWS = {"llama2-gqa": 32, "llama3-rope": 128, "llama31-context": 256, "llama32-tied": 512,
+                       "yarn-without-original": 128, "yarn-mscale": 128, "linear-max-sequence-length": 128}
+
+
+@pytest.mark.parametrize("config", list(HF_CONFIGS))
+def test_hf_configs_load_with_the_same_logits_and_window(tmp_path, config):
+    hf = hf_model(**HF_CONFIGS[config])
+    hf.save_pretrained(tmp_path / "hf")
+    if config == "yarn-without-original":  # transformers 5 writes the default out; the configs of 2023 did not
+        saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+        del saved["rope_parameters"]["original_max_position_embeddings"]
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(saved))
+    pretrained = load_pretrained(tmp_path / "hf")
+    model = pretrained.build_model().eval()
+    tokens = torch.randint(0, VOCAB, (2, 100))  # beyond the original window of every config
+    ours, theirs = logits(model, tokens), hf(input_ids=tokens).logits.detach()
+    assert ours.abs().max() > 0.25
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert extended_window(model) == HF_EXTENDED_WINDOWS[config]
+
+
+def test_a_config_group_naming_the_checkpoints_encoding_keeps_its_stored_settings(tmp_path):
+    """`position=llama3 scale=8` (original_window null) on LLaMA 3.1 read from HF: its original window is the
+    checkpoint's 8192-analogue (16 here), not the model's window (32 = 256 / 8); otherwise other frequencies."""
+    hf = hf_model(**HF_CONFIGS["llama31-context"])
+    hf.save_pretrained(tmp_path / "hf")
+    pretrained = load_pretrained(tmp_path / "hf")
+    group = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "position" / "llama3.yaml"))
+    group["scale"] = 8.0
+    kept = keep_stored_settings(group, pretrained.position)
+    assert kept["original_window"] == 16 and pretrained.args.max_seq_len == 32
+    tokens = torch.randint(0, VOCAB, (1, 100))
+    model = build_model(pretrained.args, kept).eval()
+    load_into(model, pretrained.state_dict)
+    torch.testing.assert_close(logits(model, tokens), hf(input_ids=tokens).logits.detach(), rtol=0, atol=1e-5)
+    naive = build_model(pretrained.args, group).eval()  # the group alone: original_window = the model's window
+    load_into(naive, pretrained.state_dict)
+    assert (logits(naive, tokens) - logits(model, tokens)).abs().max() > 1e-3
+    # another encoding, or an explicit setting, takes nothing from the checkpoint
+    assert keep_stored_settings({"kind": "yarn", "scale": 8.0, "original_window": None}, pretrained.position)["original_window"] is None
+    assert keep_stored_settings({**group, "original_window": 64}, pretrained.position)["original_window"] == 64
+
+
+HF_REFUSED_ROPE = [
+    ({"rope_type": "yarn", "factor": 4.0, "truncate": False}, "truncate=false"),
+    ({"rope_type": "yarn", "factor": 4.0, "mystery": 1}, r"key\(s\) \['mystery'\] that this loader does not implement"),
+    ({"rope_type": "dynamic", "factor": 1.0}, "dynamic rope scaling has factor 1"),
+    ({"rope_type": "linear", "factor": 0}, "factor=0; a factor must be >= 1"),
+    ({"rope_type": "linear", "factor": 4.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+    ({"rope_type": "yarn", "factor": 4.0, "beta_fast": "x"}, "could not convert string to float"),
+    ({"rope_type": "longrope", "factor": 4.0}, "rope type 'longrope' is not supported"),
+]
+
+
+@pytest.mark.parametrize("rope, message", HF_REFUSED_ROPE, ids=[m[:24] for _, m in HF_REFUSED_ROPE])
+def test_hf_rope_settings_this_project_would_read_differently_are_refused_naming_the_file(tmp_path, rope, message):
+    hf_model().save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rope_scaling": rope}))
+    with pytest.raises(CheckpointError, match=rf"config.json does not describe a LLaMA this project can build: .*{message}"):
+        load_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="must hold a JSON object"):
+        load_pretrained(tmp_path / "hf")
 
 
 @pytest.mark.parametrize("save", ["safetensors", "sharded", "bin", "sharded-bin"])
-@pytest.mark.parametrize("config", list(HF_CONFIGS))
+@pytest.mark.parametrize("config", ["llama2-gqa", "llama3-rope"])
 def test_hf_folder_loads_with_the_same_logits(tmp_path, config, save):
     hf = hf_model(**HF_CONFIGS[config])
     folder = tmp_path / "hf"
@@ -354,9 +445,17 @@ def test_meta_params_are_read_per_llama_generation(tmp_path, sp_tokenizer):
     folder, _, _ = make_meta_case("llama31-gqa-2shards", tmp_path, sp_tokenizer)
     pretrained = load_pretrained(folder)
     args = pretrained.args
-    assert (args.vocab_size, args.n_kv_heads, args.rope_theta, args.max_seq_len) == (512, 2, 500000.0, 8192)
+    # use_scaled_rope: LLaMA 3.1's 131072-token context, read as 16384 x 8 with the frequencies of an 8192 window
+    assert (args.vocab_size, args.n_kv_heads, args.rope_theta, args.max_seq_len) == (512, 2, 500000.0, 16384)
     assert args.hidden_dim == 16 * math.ceil(int(1.3 * int(2 * 4 * 64 / 3)) / 16)
     assert pretrained.position == {"kind": "llama3", "scale": 8.0, "original_window": 8192, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    assert extended_window(pretrained.build_model()) == 131072
+    # LLaMA 3.2 1B and 3B set the same flag with factor 32 (the same context: 4096 x 32)
+    llama32_1b = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "ffn_dim_multiplier": 1.5,
+                  "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True}
+    args, position, _ = args_from_params(llama32_1b)
+    assert (position["scale"], position["original_window"], args.max_seq_len) == (32.0, 8192, 4096)
+    assert params_from_args(args, position)["use_scaled_rope"] is True  # and it writes back as the same flag
     # the window Meta leaves out: LLaMA 1 2048, LLaMA 2 4096, LLaMA 3 8192, or the caller's
     assert guess_max_seq_len({"dim": 4096, "norm_eps": 1e-6})[0] == 2048
     assert guess_max_seq_len({"dim": 4096, "norm_eps": 1e-5})[0] == 4096

@@ -26,10 +26,11 @@ from evaluation import (
     run_passkey,
     sliding_spans,
     sliding_window_perplexity,
+    window_stride,
 )
 from evaluation import passkey as passkey_module
 from evaluation.attention import analyse_coefficients, inverse_frequencies, scores
-from evaluation.passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION, greedy_continuations
+from evaluation.passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION, greedy_continuations, is_retrieved
 from evaluation.perplexity import prepare_documents
 from model.position import apply_rotation
 
@@ -58,18 +59,19 @@ def _documents(lengths, vocab=101, seed=0):
 @pytest.mark.parametrize("window, stride", [(16, 4), (16, 16), (16, 5), (8, 1)])
 def test_spans_score_every_token_after_the_first_exactly_once(n_tokens, window, stride):
     scored = [t for s in sliding_spans(n_tokens, window, stride) for t in range(s.score_from, s.end)]
-    expected = list(range(1, n_tokens)) if stride < window else [t for t in range(1, n_tokens) if t % window]
-    assert scored == expected
+    assert scored == list(range(1, n_tokens))
+    effective = min(stride, window - 1)  # a stride of the whole window is read as window - 1: no token is dropped
     for span in sliding_spans(n_tokens, window, stride):
-        assert span.end - span.start <= window and span.start % stride == 0
-        if span.start > 0 and stride < window:
-            assert span.score_from - span.start >= window - stride  # at least window - stride tokens of context
+        assert span.end - span.start <= window and span.start % effective == 0
+        if span.start > 0:
+            assert span.score_from - span.start >= window - effective  # at least window - stride tokens of context
 
 
 def _brute_force_nll(model, doc, window, stride):
     """Each token scored by its own forward over the left context the protocol gives it."""
     tokens = torch.as_tensor(doc)
     total, count = 0.0, 0
+    stride = min(stride, window - 1)  # a window's first token cannot be scored: the next window starts one earlier
     for p in range(1, len(tokens)):
         # Window k starts at k * stride and is the first to reach token p when k * stride + window > p.
         start = 0 if p < window else ((p - window) // stride + 1) * stride
@@ -96,16 +98,25 @@ def test_sliding_window_perplexity_equals_brute_force(position, window, stride):
     assert result.ppl == pytest.approx(math.exp(sum(n for n, _ in brute) / result.tokens), rel=1e-5)
 
 
-def test_stride_equal_to_window_gives_non_overlapping_chunks():
+def test_stride_equal_to_window_scores_every_token_reading_each_window_start_with_one_token_of_context():
+    """Non-overlapping chunks would leave each chunk's first token unscored (a 64-token document: 60 of 63)."""
     model = tiny_model()
     doc = _documents([64])[0]
     result = sliding_window_perplexity(model, [doc], window=16, stride=16)
-    tokens = torch.as_tensor(doc).view(4, 16)  # four chunks, each its own training-style loss
-    with torch.no_grad():
-        logits = model(tokens)
-    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), tokens[:, 1:].flatten(), reduction="sum")
-    assert result.tokens == 4 * 15
-    assert result.nll == pytest.approx(expected.item(), rel=1e-5)
+    assert result.tokens == 63
+    assert result.nll == pytest.approx(sliding_window_perplexity(model, [doc], window=16, stride=15).nll, rel=1e-12)
+
+
+def test_short_windows_are_read_with_the_papers_least_context():
+    """The paper's stride 256 at its windows >= 2048 leaves every scored token >= 7/8 of the window as context;
+    at a small model's window of 256 the same stride would give the window's tokens 0 to 255 tokens of it."""
+    assert [window_stride(256, w) for w in (2048, 4096, 1024, 256, 128, 4)] == [256, 256, 128, 32, 16, 1]
+    assert window_stride(256, 256, None) == 256
+    model = tiny_model()
+    doc = _documents([200])[0]
+    capped = sliding_window_perplexity(model, [doc], window=32, stride=window_stride(256, 32))
+    spans = sliding_spans(len(doc), 32, window_stride(256, 32))
+    assert min(s.score_from - s.start for s in spans[1:]) >= 28 and capped.tokens == 199
 
 
 def test_batching_does_not_change_the_result():
@@ -331,3 +342,29 @@ def test_generation_greedy_matches_argmax_and_sampling_is_seeded():
     assert first == again and len(first) == 8
     with pytest.raises(EvaluationError, match="exceeds the 20 positions"):
         generate(model, prompt, 30, max_len=20)
+
+
+def test_a_passkey_counts_as_retrieved_only_when_spelled_as_the_whole_number():
+    assert is_retrieved("12345", "12345") and is_retrieved("12345.", "12345") and is_retrieved("12345 is the", "12345")
+    assert not is_retrieved("123456", "12345") and not is_retrieved("1234", "12345") and not is_retrieved("x12345", "12345")
+
+
+def test_the_real_query_key_analysis_reads_each_rows_own_frequencies():
+    """A row read with NTK (or a RoPE theta override) is analysed with its frequencies, not the checkpoint's theta;
+    encodings whose frequencies are not c^(-2j/d) are refused rather than analysed as if they were."""
+    from evaluation.attention import analyse_model, geometric_theta
+
+    base = tiny_model({"kind": "rope"})
+    ntk = tiny_model({"kind": "ntk", "scale": 4.0})
+    d = base.args.head_dim
+    assert geometric_theta(base.position) == base.args.rope_theta
+    assert geometric_theta(ntk.position) == pytest.approx(base.args.rope_theta * 4 ** (d / (d - 2)))
+    assert geometric_theta(tiny_model({"kind": "pi", "scale": 4.0}).position) == base.args.rope_theta
+    ntk.load_state_dict(base.state_dict())
+    tokens = torch.randint(0, 101, (40,))
+    facts_base, _ = analyse_model(base, tokens, pairs=4)
+    facts_ntk, _ = analyse_model(ntk, tokens, pairs=4)
+    assert facts_ntk["theta"] == pytest.approx(geometric_theta(ntk.position))
+    assert facts_ntk["extrapolation_max_median"] != facts_base["extrapolation_max_median"]
+    with pytest.raises(EvaluationError, match="position 'yarn' bends them"):
+        analyse_model(tiny_model({"kind": "yarn", "scale": 4.0}), tokens, pairs=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -129,6 +130,23 @@ def test_evaluate_end_to_end_writes_json_markdown_and_plots(project, tmp_path):
     assert {"ppl.png", "passkey.png", "attention.png"} <= set(results["figures"])
 
 
+def test_a_model_that_broke_down_still_gets_its_numbers_written(project, tmp_path):
+    """Every perplexity inf/NaN (a diverged fine-tune): no log-scale plot can be drawn, the results are still written."""
+    broken = tiny_model({"kind": "rope"}, vocab_size=VOCAB)
+    with torch.no_grad():
+        broken.norm.weight.fill_(float("nan"))
+    ckpt = save_checkpoint(tmp_path / "nan.ckpt", broken, {"kind": "rope"}, project["tokenizer"])
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt={ckpt}", "task=ppl", "ppl.windows=[16,32]", f"out_dir={tmp_path / 'out'}",
+                                             *_data_overrides(project)])
+    results = evaluate(cfg)
+    assert not any(math.isfinite(v) for v in results["ppl_table"]["nan"].values())
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["ppl_table"]["nan"] == {"16": None, "32": None} and "ppl.png" not in written["figures"]
+    assert "| nan | inf | inf |" in (tmp_path / "out" / "results.md").read_text()
+    assert not (tmp_path / "out" / "ppl.png").exists()
+
+
 def math_ok(value) -> bool:
     return isinstance(value, float) and 1 < value < 10 * VOCAB
 
@@ -168,7 +186,9 @@ def test_user_errors_are_one_sentence_and_a_non_zero_exit(project, tmp_path):
         (["ckpt={base}", "task=perplexity"], "unknown task 'perplexity'; choose one or more of ppl, passkey, attention, generate"),
         (["ckpt={absolute}", "task=passkey", "passkey.window=256"], "passkey window 256 is longer than the 32 positions"),
         (["ckpt={absolute}", "task=[ppl]", "ppl.windows=[16,48]", "ppl.stride=16"], "ppl window 48 is longer than the 32 positions of its learned absolute table"),
-        (["ckpt={base}", "ppl.windows=[64]"], "ppl.stride=256 is longer than the window 64"),
+        (["ckpt={base}", "ppl.windows=[64]", "ppl.max_stride_fraction=null"], "ppl.stride=256 is longer than the window 64"),
+        (["ckpt={base}", "ppl.max_stride_fraction=2"], r"ppl.max_stride_fraction=2 must be in \(0, 1\]"),
+        (["ckpt={base}", "ppl.stride=0"], "ppl.stride=0 must be a positive integer"),
         (["task=ppl"], "needs a model: pass ckpt=PATH"),
         (["ckpt={base}", "variants=[{{nme: x}}]"], r"unknown key\(s\) \['nme'\]"),
         (["ckpt=[{base},{absolute}]", "variants=[{{name: x, position: {{kind: pi}}}}]"], "needs a ckpt"),
@@ -263,5 +283,5 @@ def test_callback_skips_a_passkey_that_does_not_fit_and_clamps_the_stride(tokeni
     model = tiny_model(vocab_size=VOCAB)  # window 32: too short for the passkey prompt
     callback = ExtensionEvalCallback(windows=[16, 32], max_documents=1, passkey_trials=1)
     row = callback.evaluate_model(model, _Data(tokenizer), step=0)
-    assert set(row) == {"step", "ppl_16", "ppl_32"}  # stride 256 > window: read as non-overlapping chunks
+    assert set(row) == {"step", "ppl_16", "ppl_32"}  # stride 256 > window: read with stride window/8
     assert callback._passkey_skipped

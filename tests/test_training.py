@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,16 @@ def test_a_run_is_resumed_only_with_the_position_it_was_trained_with(cache_dir, 
     with pytest.raises(ConfigError, match="position=pi, scale=4"):
         validate(smoke(cache_dir, tmp_path / "b", *pi[:2], "scale=4", f"resume={first.last_checkpoint}"))
     validate(smoke(cache_dir, tmp_path / "b", *pi, f"resume={first.last_checkpoint}"))  # the same overrides: resumable
+
+
+def test_a_resumed_run_keeps_the_by_step_rows_of_the_steps_before_it(cache_dir, tmp_path):
+    """The callback's rows travel in the checkpoint: step 0 (the paper's "no fine-tuning" row) survives a resume."""
+    common = ("stage=pretrain", "position=pi", "scale=2", "register_base=false", "eval.every_n_steps=1",
+              "eval.passkey_trials=0", "trainer.val_check_interval=1")
+    first = train(smoke(cache_dir, tmp_path, *common, "optim.pretrain.max_steps=2"))
+    train(smoke(cache_dir, tmp_path, *common, "optim.pretrain.max_steps=4", f"resume={first.last_checkpoint}"))
+    rows = json.loads((tmp_path / "eval_by_step.json").read_text())
+    assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
 
 
 def test_a_sharded_run_is_resumed_only_with_the_position_it_was_trained_with(cache_dir, tmp_path):

@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data import TextDataModule
+from model import keep_stored_settings
 from model.checkpoints import CheckpointError, Pretrained, check_tokenizer, load_into, load_pretrained
 
 from .callbacks import Throughput, measured_matmul_peak
@@ -94,6 +95,8 @@ def train(cfg: DictConfig) -> RunResult:
             raise ConfigError(f"{str(error).rstrip('.')} (data.tokenizer=...).") from None
 
     position = OmegaConf.to_container(cfg.position, resolve=True)
+    if pretrained is not None:
+        position = keep_stored_settings(position, pretrained.position)
     stored = kind_and_scale(pretrained.position) if pretrained is not None else None
     if stored is not None and stored[1] != 1.0 and stored != kind_and_scale(position):
         # Changing the encoding is the point of a fine-tune, but an extended checkpoint (PI, LLaMA 3.1's llama3
