@@ -65,13 +65,14 @@ def main(cfg: DictConfig) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from data import DataError
+    from evaluation.errors import EvaluationError
     from model.checkpoints import CheckpointError
     from training.faults import NonFiniteLossError
     from training.run import train
 
     try:
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as error:
+    except (ConfigError, DataError, CheckpointError, EvaluationError, NonFiniteLossError) as error:
         _fail(error)
     except SIGTERMException:
         # Lightning ends a SIGTERM'd run with status 0; one cut short should not look finished.

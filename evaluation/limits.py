@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from model import Llama, PositionEncoding
+from model import Llama, ModelArgs, PositionEncoding
 from model.position import LearnedAbsolute
 
 from evaluation.errors import EvaluationError
@@ -15,9 +15,14 @@ def readable_length(position: PositionEncoding) -> int | None:
     return None
 
 
+def window_of(args: ModelArgs, position: PositionEncoding) -> int:
+    """The window a model of `args` read with `position` is meant for: the base window times the scale (PI's L')."""
+    return max(1, round(args.max_seq_len * position.scale))
+
+
 def extended_window(model: Llama) -> int:
     """The window the model is meant to read: the base window times the position scale (PI's L')."""
-    return max(1, round(model.args.max_seq_len * model.position.scale))
+    return window_of(model.args, model.position)
 
 
 def check_window(model: Llama, length: int, what: str) -> None:

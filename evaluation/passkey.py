@@ -101,6 +101,38 @@ def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, n_new: i
     return torch.cat(generated, dim=1)
 
 
+@dataclass(frozen=True)
+class PasskeyPlan:
+    """The keys, prompt length and distances of one passkey evaluation, fixed before any model runs."""
+
+    keys: list[list[str]]  # one row of `trials` keys per distance
+    n_answer: int  # tokens generated after each prompt: the longest key's answer
+    length: int  # prompt tokens: window - n_answer
+    distances: list[int]
+
+
+def plan_passkey(tokenizer: TokenizerLike, window: int, num_positions: int = 32, trials: int = 10, seed: int = 0) -> PasskeyPlan:
+    """The paper's layout for `window`: `num_positions` distances up to it, `trials` random 5-digit keys at each;
+    one clear error when the window cannot hold a prompt (checked before any evaluation starts)."""
+    for name, value in (("num_positions", num_positions), ("trials", trials)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EvaluationError(f"passkey.{name}={value!r} must be a positive integer.")
+    prompter = PasskeyPrompter(tokenizer)
+    rng = random.Random(seed)  # the same keys for every model, so rows of a table are comparable
+    keys = [[str(rng.randint(10000, 99999)) for _ in range(trials)] for _ in range(num_positions)]
+    # One answer budget for all keys keeps every prompt the same length (one batch shape).
+    n_answer = max(prompter.answer_length(k) for row in keys for k in row)
+    length = window - n_answer
+    # Keys may tokenize to different lengths: use the distances every key can reach.
+    ranges = [prompter.distance_range(length, k) for k in {k for row in keys for k in row}]
+    smallest, largest = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    if largest < smallest:
+        shortest = window + smallest - largest
+        raise EvaluationError(f"a {window}-token passkey window cannot hold the paper's prompt and answer, which need at "
+                              f"least {shortest} tokens; pass passkey.window={shortest} or more.")
+    return PasskeyPlan(keys, n_answer, length, spread_distances(smallest, largest, num_positions))
+
+
 def run_passkey(
     model: torch.nn.Module,
     tokenizer: TokenizerLike,
@@ -113,19 +145,12 @@ def run_passkey(
     device: torch.device | str | None = None,
 ) -> PasskeyResult:
     """Run the protocol: `num_positions` distances up to the window, `trials` random 5-digit keys at each."""
-    if trials < 1 or batch_size < 1:
-        raise EvaluationError(f"passkey.trials={trials} and passkey.batch_size={batch_size} must be at least 1.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvaluationError(f"passkey.batch_size={batch_size!r} must be a positive integer.")
+    plan = plan_passkey(tokenizer, window, num_positions, trials, seed)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     prompter = PasskeyPrompter(tokenizer)
-    rng = random.Random(seed)  # the same keys for every model, so rows of a table are comparable
-    keys = [[str(rng.randint(10000, 99999)) for _ in range(trials)] for _ in range(num_positions)]
-    # One answer budget for all keys keeps every prompt the same length (one batch shape).
-    n_answer = max(prompter.answer_length(k) for row in keys for k in row)
-    length = window - n_answer
-    # Keys may tokenize to different lengths: use the distances every key can reach.
-    ranges = [prompter.distance_range(length, k) for k in {k for row in keys for k in row}]
-    smallest, largest = max(r[0] for r in ranges), min(r[1] for r in ranges)
-    distances = spread_distances(smallest, largest, num_positions)
+    keys, n_answer, length, distances = plan.keys, plan.n_answer, plan.length, plan.distances
     successes, answers = [], []
     for distance, row_keys in zip(distances, keys):
         row_ok, row_text = [], []

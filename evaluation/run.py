@@ -21,15 +21,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from model import Llama, build_position, keep_stored_settings
-from model.checkpoints import CheckpointError, Pretrained, check_tokenizer, load_pretrained
+from model.checkpoints import CheckpointError, Pretrained, check_same_tokenizer, check_tokenizer, load_pretrained
 from model.position import RoPE
 
 from evaluation import report
 from evaluation.attention import analyse_model, fit_random_scores, geometric_theta
 from evaluation.errors import EvaluationError
 from evaluation.generation import generate
-from evaluation.limits import check_window, extended_window, readable_length
-from evaluation.passkey import run_passkey
+from evaluation.limits import check_window, extended_window, readable_length, window_of
+from evaluation.passkey import plan_passkey, run_passkey
 from evaluation.perplexity import prepare_documents, sliding_window_perplexity, window_stride
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,19 @@ def resolve_variants(cfg: DictConfig) -> list[Variant]:
             log.warning("position=%s without scale=S reads positions unscaled (scale 1); pass scale=8 for PI x8", override.get("kind"))
     elif cfg.scale is not None:
         override = {"scale": cfg.scale}  # rescale whatever encoding each checkpoint stores
+    scale = (override or {}).get("scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 1):
+        raise EvaluationError(f"scale={scale!r} must be a number >= 1, e.g. scale=8.")
     tag = _position_label(override)  # " [pi x8]", or " [x8]" for a scale alone
     rows = [Variant(_default_name(path, ckpts) + tag, path, override) for path in ckpts]
     for entry in cfg.variants or []:
+        if not isinstance(entry, (DictConfig, Mapping)):
+            raise EvaluationError(f"variants entry {entry!r} is not a mapping; write one as {{name: ..., ckpt: PATH, "
+                                  "position: {kind: pi, scale: 8}}, or list plain checkpoints with ckpt=[a,b].")
         entry = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
+        if entry.get("position") is not None and not isinstance(entry["position"], Mapping):
+            raise EvaluationError(f"variant {entry} has position={entry['position']!r}; give a mapping such as "
+                                  "position: {kind: pi, scale: 8}.")
         unknown = sorted(set(entry) - VARIANT_KEYS)
         if unknown:
             raise EvaluationError(f"variant {entry} has unknown key(s) {unknown}; a variant takes {sorted(VARIANT_KEYS)}.")
@@ -203,6 +212,7 @@ def _check_tokenizer_for(ckpt: str, pretrained: Pretrained, data_tokenizer: str 
         return
     try:
         check_tokenizer(pretrained.args, data_tokenizer)
+        check_same_tokenizer(pretrained, data_tokenizer)
     except CheckpointError as error:
         raise EvaluationError(f"{ckpt}: {str(error).rstrip('.')} (data.tokenizer={data_tokenizer}).") from None
 
@@ -216,9 +226,18 @@ def _warn_if_scale_is_extrapolation(variant: Variant, pretrained: Pretrained) ->
                     "pass position=pi scale=%g to read it with PI", variant.name, override["scale"], override["scale"])
 
 
-def _preflight(variant: Variant, pretrained: Pretrained, position: dict[str, Any], cfg: DictConfig, tasks: list[str]) -> None:
-    """Check every window against the position encoding before any long computation starts."""
+def _preflight(variant: Variant, pretrained: Pretrained, position: dict[str, Any], cfg: DictConfig, tasks: list[str],
+               sources: DataSources) -> None:
+    """Check every window against the position encoding, and the passkey window against the prompt's length,
+    before any long computation starts."""
     module = build_position(pretrained.args, position)
+    if "passkey" in tasks:
+        window = cfg.passkey.window or window_of(pretrained.args, module)
+        try:
+            plan_passkey(sources.module(pretrained.tokenizer_path).tokenizer, window, cfg.passkey.num_positions,
+                         cfg.passkey.trials, cfg.seed)
+        except EvaluationError as error:
+            raise EvaluationError(f"{variant.name}: {error}") from None
     limit = readable_length(module)
     if limit is None:
         return
@@ -293,7 +312,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise EvaluationError(f"task {','.join(tasks)} needs a model: pass ckpt=PATH (or a list, ckpt=[a,b]) or variants=[...].")
     if "ppl" in tasks:
         _check_ppl_settings(cfg)
+    if "passkey" in tasks:
+        _check_passkey_settings(cfg)
     device, dtype = resolve_device(cfg.device), _dtype(cfg.dtype)
+    sources = DataSources(OmegaConf.to_container(cfg.data, resolve=True), seq_len=max([*cfg.ppl.windows, 2]), seed=cfg.seed)
     loaded: dict[str, Pretrained] = {}
     positions: dict[str, dict[str, Any]] = {}
     for variant in variants:  # every checkpoint, tokenizer and window is checked before the first long computation
@@ -302,12 +324,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             _check_tokenizer_for(variant.ckpt, loaded[variant.ckpt], cfg.data.get("tokenizer"))
         positions[variant.name] = _position_for(loaded[variant.ckpt], variant.position)
         _warn_if_scale_is_extrapolation(variant, loaded[variant.ckpt])
-        _preflight(variant, loaded[variant.ckpt], positions[variant.name], cfg, tasks)
+        _preflight(variant, loaded[variant.ckpt], positions[variant.name], cfg, tasks, sources)
     torch.manual_seed(cfg.seed)
     collected = Collected(cfg, tasks, device, output_dir(cfg))
     if "attention" in tasks:
         _paper_fit(cfg, collected)
-    sources = DataSources(OmegaConf.to_container(cfg.data, resolve=True), seq_len=max(cfg.ppl.windows), seed=cfg.seed)
     for variant in variants:
         pretrained = loaded[variant.ckpt]
         position = positions[variant.name]
@@ -411,6 +432,17 @@ def _medians(facts: Mapping[str, Any]) -> dict[str, Any]:
     """The per-pair medians of a real query/key analysis, under the names a fit uses."""
     shared = {k: facts[k] for k in ("b_over_d_min", "bound_ratio_at_b_equal_d", "head_dim", "window", "theta") if k in facts}
     return {k.removesuffix("_median"): v for k, v in facts.items() if k.endswith("_median")} | shared
+
+
+def _check_passkey_settings(cfg: DictConfig) -> None:
+    p = cfg.passkey
+    for key in ("num_positions", "trials", "batch_size"):
+        if isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < 1:
+            raise EvaluationError(f"passkey.{key}={p[key]!r} must be a positive integer.")
+    if p.window is not None and (isinstance(p.window, bool) or not isinstance(p.window, int) or p.window < 2):
+        raise EvaluationError(f"passkey.window={p.window!r} must be an integer >= 2 or null (the model's window).")
+    if isinstance(p.threshold, bool) or not isinstance(p.threshold, (int, float)) or not 0 < p.threshold <= 1:
+        raise EvaluationError(f"passkey.threshold={p.threshold!r} must be a fraction in (0, 1] (the paper's: 0.2).")
 
 
 def _check_ppl_settings(cfg: DictConfig) -> None:

@@ -423,6 +423,21 @@ def check_tokenizer(args: ModelArgs, tokenizer: Any) -> None:
             )
 
 
+def check_same_tokenizer(pretrained: Pretrained, tokenizer: str | os.PathLike) -> None:
+    """Refuse a tokenizer file other than the one the weights come with (embedded in a project checkpoint, or
+    beside Meta's or HF's weights): a vocabulary of the same size would still give every id another meaning."""
+    own = pretrained.tokenizer_path
+    if own is None:
+        return
+    try:
+        same = Path(own).read_bytes() == Path(tokenizer).read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"cannot read tokenizer {tokenizer} ({error.strerror}); check the file.") from None
+    if not same:
+        raise CheckpointError(f"tokenizer {tokenizer} is not the one these weights come with ({own}); leave data.tokenizer "
+                              "unset to read them with their own.")
+
+
 # ----------------------------------------------------------------------------- detection
 
 META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")

@@ -24,7 +24,8 @@ from evaluation import EvaluationError
 from evaluation.callback import ExtensionEvalCallback
 from evaluation.passkey import FILLER, INSTRUCTION, QUESTION
 from evaluation.run import evaluate
-from model.checkpoints import project_payload
+from data.tokenizer import train_tokenizer
+from model.checkpoints import project_payload, tokenizer_info
 
 
 def save_checkpoint(path: Path, model, position: dict, tokenizer_path: Path | None, step: int = 0) -> Path:
@@ -147,6 +148,25 @@ def test_a_model_that_broke_down_still_gets_its_numbers_written(project, tmp_pat
     assert not (tmp_path / "out" / "ppl.png").exists()
 
 
+def test_a_data_tokenizer_other_than_the_checkpoints_own_is_refused_even_with_the_same_vocabulary(project, tmp_path):
+    """Same size, other pieces: every id would mean another word, and the perplexity would look merely bad."""
+    lines = [" ".join(random.Random(i).choice(["zebra", "quartz", "vortex", "plinth", "mauve"]) for _ in range(12))
+             for i in range(400)]
+    other = train_tokenizer(["\n".join(lines)], tmp_path / "other.model", VOCAB).path
+    assert tokenizer_info(other).vocab_size == VOCAB and other.read_bytes() != project["tokenizer"].read_bytes()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        refused = compose("evaluate", overrides=[f"ckpt={project['base']}", f"data.tokenizer={other}", "task=ppl",
+                                                 f"out_dir={tmp_path / 'a'}", *_data_overrides(project)])
+        copy = tmp_path / "copy.model"
+        copy.write_bytes(project["tokenizer"].read_bytes())
+        same = compose("evaluate", overrides=[f"ckpt={project['base']}", f"data.tokenizer={copy}", "task=ppl",
+                                              "ppl.windows=[32]", f"out_dir={tmp_path / 'b'}", *_data_overrides(project)])
+    with pytest.raises(EvaluationError, match=r"tokenizer .*other.model is not the one these weights come with"):
+        evaluate(refused)
+    assert not (tmp_path / "a").exists()
+    assert "ppl_table" in evaluate(same)  # the same file elsewhere is the same tokenizer
+
+
 def math_ok(value) -> bool:
     return isinstance(value, float) and 1 < value < 10 * VOCAB
 
@@ -190,6 +210,13 @@ def test_user_errors_are_one_sentence_and_a_non_zero_exit(project, tmp_path):
         (["ckpt={base}", "ppl.max_stride_fraction=2"], r"ppl.max_stride_fraction=2 must be in \(0, 1\]"),
         (["ckpt={base}", "ppl.stride=0"], "ppl.stride=0 must be a positive integer"),
         (["task=ppl"], "needs a model: pass ckpt=PATH"),
+        (["ckpt={base}", "variants=[{base}]"], "is not a mapping; write one as"),
+        (["ckpt={base}", "variants=[{{name: x, position: pi}}]"], "has position='pi'; give a mapping"),
+        (["ckpt={base}", "scale=abc"], "scale='abc' must be a number >= 1"),
+        (["ckpt={base}", "task=passkey", "passkey.num_positions=0"], "passkey.num_positions=0 must be a positive integer"),
+        (["ckpt={base}", "task=passkey", "passkey.window=40"],
+         r"base: a 40-token passkey window cannot hold the paper's prompt and answer, which need at least \d+ tokens; "
+         r"pass passkey.window=\d+ or more"),
         (["ckpt={base}", "variants=[{{nme: x}}]"], r"unknown key\(s\) \['nme'\]"),
         (["ckpt=[{base},{absolute}]", "variants=[{{name: x, position: {{kind: pi}}}}]"], "needs a ckpt"),
         (["ckpt=[{base},{base}]"], "two table rows are both named"),

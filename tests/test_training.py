@@ -351,6 +351,11 @@ def test_multirun_sweep_composes(tmp_path):
         (["position=pi", "position.scale=8"], r"position.scale=8 differs from scale=1; set the scale once with scale=8"),
         (["position=pi", "scale=4", "position.scale=8"], r"position.scale=8 differs from scale=4"),
         (["run_dir=/dev/null/run"], "cannot be written"),
+        (["eval.every_n_steps=-1"], r"eval.every_n_steps=-1 must be an integer >= 0 \(0 turns the evaluation off\)"),
+        (["eval.windows=[64,abc]"], r"eval.windows=.* must be null .* or a list of integers >= 2"),
+        (["eval.max_documents=0"], "eval.max_documents=0 must be an integer >= 1"),
+        (["position=absolute", "eval.every_n_steps=1", "eval.windows=[256,512]"],
+         r"eval.windows=\[256, 512\] reaches past the 256 positions of the learned absolute table"),
     ],
 )
 def test_bad_values_fail_before_any_data_work(overrides, message):

@@ -25,8 +25,9 @@ class ConfigError(ValueError):
     """A value in the training config cannot work; the message names it and the fix."""
 
 
-# Scalings that are the identity at scale 1 (dynamic NTK is not: it still grows its base past the window).
-UNSCALED_IS_ROPE = ("pi", "ntk", "yarn", "llama3")
+# Scalings that are plain RoPE at scale 1 (dynamic NTK too: here, unlike in transformers, scale 1 does not
+# grow its base past the window; model/position.py).
+UNSCALED_IS_ROPE = ("pi", "ntk", "dynamic", "yarn", "llama3")
 
 
 def resolve_stage(cfg: DictConfig) -> str:
@@ -75,6 +76,7 @@ def validate(cfg: DictConfig) -> str:
         raise ConfigError(str(error)) from None
     if cfg.init is None:  # with init= the shape comes from the checkpoint; train() checks it then
         check_window_fits(position, cfg.seq_len or round(args.max_seq_len * float(scale)), args.max_seq_len)
+    validate_eval(cfg.eval, position if cfg.init is None else None)
     del position
     kind, position_scale = cfg.position.get("kind"), cfg.position.get("scale")
     if position_scale is not None and float(position_scale) != float(scale):
@@ -99,6 +101,26 @@ def validate(cfg: DictConfig) -> str:
     if cfg.run_dir is not None:
         check_writable(Path(str(cfg.run_dir)))
     return stage
+
+
+def validate_eval(settings: DictConfig, position: Any = None) -> None:
+    """The in-training evaluation's settings (eval.*), and its windows against a learned table's length."""
+    def counts(value: Any, least: int) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int) and value >= least
+
+    for key, least in (("every_n_steps", 0), ("max_documents", 1), ("passkey_trials", 0)):
+        if not counts(settings[key], least):
+            raise ConfigError(f"eval.{key}={settings[key]!r} must be an integer >= {least}"
+                              + (" (0 turns the evaluation off)." if key == "every_n_steps" else "."))
+    windows = settings.windows
+    if windows is not None and (isinstance(windows, str) or not hasattr(windows, "__len__") or not windows
+                                or not all(counts(w, 2) for w in windows)):
+        raise ConfigError(f"eval.windows={windows!r} must be null (the base and the training window) or a list of "
+                          "integers >= 2, e.g. eval.windows=[256,2048].")
+    length = getattr(position, "length", None)
+    if settings.every_n_steps and windows is not None and length is not None and max(windows) > length:
+        raise ConfigError(f"eval.windows={list(windows)} reaches past the {length} positions of the learned absolute "
+                          f"table; use windows <= {length}.")
 
 
 def check_window_fits(position: Any, seq_len: int, base_window: int) -> None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data import TextDataModule
 from model import keep_stored_settings
-from model.checkpoints import CheckpointError, Pretrained, check_tokenizer, load_into, load_pretrained
+from model.checkpoints import CheckpointError, Pretrained, check_same_tokenizer, check_tokenizer, load_into, load_pretrained
 
 from .callbacks import Throughput, measured_matmul_peak
 from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, checkpoint_metadata, kind_and_scale, model_args_from_config, validate
@@ -91,6 +91,7 @@ def train(cfg: DictConfig) -> RunResult:
     if pretrained is not None and cfg.data.get("tokenizer") is not None:
         try:  # a data.tokenizer of another vocabulary than the weights' is refused too, not only a larger one
             check_tokenizer(args, tokenizer)
+            check_same_tokenizer(pretrained, tokenizer.path)
         except CheckpointError as error:
             raise ConfigError(f"{str(error).rstrip('.')} (data.tokenizer=...).") from None
 
