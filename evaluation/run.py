@@ -369,6 +369,11 @@ def _ppl(cfg: DictConfig, variant: Variant, model: Llama, documents: list[np.nda
     by_window = {}
     for window in p.windows:
         check_window(model, window, f"the ppl window {window}")
+        short = sum(len(d) < window for d in docs)
+        if short:  # the protocol reads them whole, with less context than the window: say so (the paper's are long)
+            log.warning("%s: %d of %d documents are shorter than the ppl window %d; their tokens count in that column "
+                        "with less context (ppl.min_tokens_per_document=%d leaves them out)", variant.name, short,
+                        len(docs), window, window)
         stride = window_stride(int(p.stride), window, p.max_stride_fraction)
         result = sliding_window_perplexity(model, docs, window, stride, p.batch_size, device)
         by_window[window] = result.to_dict()
