@@ -454,12 +454,17 @@ def detect_format(path: str | os.PathLike) -> str:
             return "meta"
         if _HF_FILE.match(path.name):
             return "hf"
+        if path.suffix in (".json", ".csv", ".md", ".yaml", ".log"):
+            raise CheckpointError(f"{path} is a {path.suffix[1:]} file, not a checkpoint; pass a .ckpt file, or a Meta or HF folder.")
         return "project"
     names = {child.name for child in path.iterdir()}
     if "params.json" in names or any(META_SHARD.match(name) for name in names):
         return "meta"
     if any(_HF_FILE.match(name) for name in names):
         return "hf"
+    if (path / "checkpoints" / "last.ckpt").exists():  # a train.py run folder
+        raise CheckpointError(f"{path} is a training run's folder; pass its checkpoint, {path / 'checkpoints' / 'last.ckpt'} "
+                              f"(or best.ckpt).")
     raise CheckpointError(
         f"{path} holds no checkpoint this project reads; expected a project .ckpt file, a Meta folder "
         "(consolidated.00.pth + params.json) or an HF folder (config.json + model.safetensors)."

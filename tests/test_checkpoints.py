@@ -743,6 +743,17 @@ def _empty_folder(root, sp):
     return root / "empty"
 
 
+def _run_folder(root, sp):
+    (root / "run" / "checkpoints").mkdir(parents=True)
+    (root / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (root / "run" / "summary.json").write_text("{}")
+    return root / "run"
+
+
+def _summary_json(root, sp):
+    return _run_folder(root, sp) / "summary.json"
+
+
 BAD_SOURCES = {
     "meta-missing-params": (_meta_without_params, "has Meta shards but no params.json"),
     "meta-truncated-shard": (_meta_truncated_shard, "consolidated.01.pth is not a readable torch checkpoint.*truncated or corrupt"),
@@ -761,6 +772,8 @@ BAD_SOURCES = {
     "hf-config-mismatch": (_hf_config_mismatch, r"feed_forward.w\d.weight has shape \(\d+, \d+\) in .* needs \(\d+, \d+\)"),
     "missing-path": (_missing_path, "does not exist"),
     "empty-folder": (_empty_folder, "holds no checkpoint"),
+    "run-folder": (_run_folder, r"is a training run's folder; pass its checkpoint, .*run/checkpoints/last.ckpt"),
+    "summary-json": (_summary_json, "summary.json is a json file, not a checkpoint"),
 }
 
 
