@@ -112,7 +112,13 @@ class Reproduction:
         if not every:
             return []
         return [f"eval.every_n_steps={every}", f"eval.windows=[{self.window}]", f"eval.max_documents={b.eval_documents}",
-                f"eval.passkey_trials={b.eval_passkey_trials}"]
+                f"eval.passkey_trials={b.eval_passkey_trials}", *self._eval_batch()]
+
+    def _eval_batch(self) -> list[str]:
+        """The by-step callback's windows per forward, where the budget sets it (written only then, so that the
+        stages of a budget without it keep their overrides and stay reusable)."""
+        size = self.budget.get("eval_batch_size")
+        return [f"eval.batch_size={size}"] if size else []
 
     def finetune(self, name: str, title: str, kind: str, steps: int, every: int, *extra: str) -> Stage:
         """A fine-tune of the base to L' with the paper's recipe; `extra` overrides set an ablation apart."""
@@ -123,7 +129,7 @@ class Reproduction:
             f"optim.finetune.lr={b.finetune_lr}",
             f"eval.every_n_steps={every}", f"eval.windows=[{','.join(map(str, self.windows))}]",
             f"eval.max_documents={b.eval_documents}", f"eval.passkey_trials={b.eval_passkey_trials}",
-            *extra,
+            *self._eval_batch(), *extra,
         ]))
 
     def long_passkey_ablation(self) -> list[str]:
@@ -270,6 +276,7 @@ class Reproduction:
                   "ppl.stride": 256, "ppl.max_tokens_per_document": _null(b.ppl_max_tokens_per_document),
                   "passkey.num_positions": b.passkey_positions, "passkey.trials": b.passkey_trials,
                   "passkey.batch_size": b.passkey_trials,
+                  **({"ppl.batch_size": b.ppl_batch_size} if b.get("ppl_batch_size") else {}),
                   **settings}  # one override per key: a setting replaces the default, and the logged command stays unambiguous
         return [f"{k}={v}" for k, v in values.items()]
 

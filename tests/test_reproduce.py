@@ -244,8 +244,11 @@ def test_the_base_is_evaluated_by_step_only_where_the_budget_asks(tmp_path: Path
         gpu = Reproduction(compose(config_name="reproduce", overrides=["budget=gpu", f"work_dir={tmp_path}"]))
         cpu = Reproduction(compose(config_name="reproduce", overrides=["budget=cpu", f"work_dir={tmp_path}"]))
     assert gpu._pretrain_eval() == ["eval.every_n_steps=125", "eval.windows=[256]", "eval.max_documents=3",
-                                    "eval.passkey_trials=5"]
+                                    "eval.passkey_trials=5", "eval.batch_size=32"]
     assert cpu._pretrain_eval() == []
+    # GPU batches the evaluations' windows; the CPU budget writes no such override (its stages stay reusable)
+    assert "ppl.batch_size=32" in gpu._evaluation_overrides("x", ["ppl"], {})
+    assert not any(o.startswith("ppl.batch_size") for o in cpu._evaluation_overrides("x", ["ppl"], {}))
     assert cpu.base_by_step() is None and gpu.base_by_step() is None  # no run yet
     (tmp_path / "runs" / "base").mkdir(parents=True)
     (tmp_path / "runs" / "base" / "eval_by_step.json").write_text('[{"step": 0, "ppl_256": 4000.0}]')

@@ -108,7 +108,7 @@ def validate_eval(settings: DictConfig, position: Any = None) -> None:
     def counts(value: Any, least: int) -> bool:
         return not isinstance(value, bool) and isinstance(value, int) and value >= least
 
-    for key, least in (("every_n_steps", 0), ("max_documents", 1), ("passkey_trials", 0)):
+    for key, least in (("every_n_steps", 0), ("max_documents", 1), ("passkey_trials", 0), ("batch_size", 1)):
         if not counts(settings[key], least):
             raise ConfigError(f"eval.{key}={settings[key]!r} must be an integer >= {least}"
                               + (" (0 turns the evaluation off)." if key == "every_n_steps" else "."))

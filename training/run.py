@@ -278,6 +278,7 @@ def _trainer(
         callbacks.append(ExtensionEvalCallback(every_n_steps=int(cfg.eval.every_n_steps), windows=windows,
                                                max_documents=int(cfg.eval.max_documents),
                                                passkey_trials=int(cfg.eval.passkey_trials),
+                                               batch_size=int(cfg.eval.batch_size),
                                                out_path=run_dir / "eval_by_step.json"))
     resumed_at = checkpoint_step(cfg.resume) if cfg.resume is not None else None
     # Flushed every logging interval, so a killed run loses at most that many rows.
