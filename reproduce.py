@@ -122,7 +122,8 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: 
     with atomic_directory(Path(str(cfg.report_dir)), force=True) as out:
         eval_dir = run.work / "eval"
         figures = {
-            "ppl": report.copy_figure(eval_dir / "extensions" / "ppl.png", out / "ppl_by_window.png"),
+            # no ppl.png when no row has a finite perplexity (evaluation/report.py)
+            "ppl": report.copy_figure(eval_dir / "extensions" / "ppl.png", out / "ppl_by_window.png", optional=True),
             "passkey": report.copy_figure(eval_dir / "extensions" / "passkey.png", out / "passkey.png"),
             "attention": report.copy_figure(eval_dir / "attention" / "attention.png", out / "figure2_fit.png"),
         }
@@ -183,7 +184,7 @@ with that scaling at scale {cfg.scale}.{_early_stopping_text(run)}
 
 {report.ppl_section(windows, L, ppl)}
 
-![perplexity by window]({figures['ppl']})
+{f"![perplexity by window]({figures['ppl']})" if figures['ppl'] else "(No perplexity plot: no row has a finite perplexity.)"}
 
 ## Table 3 analog: by fine-tuning step
 

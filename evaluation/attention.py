@@ -216,8 +216,8 @@ def geometric_theta(position: Any) -> float | None:
     of that form (the analysis and its bounds assume it): RoPE's and PI's own theta (PI moves positions, not
     frequencies), NTK's enlarged one; YaRN, LLaMA 3.1 and dynamic NTK bend the frequencies per j or per length."""
     kind = getattr(position, "kind", None)
-    if kind in ("rope", "pi"):
-        return float(position.theta)
+    if kind in ("rope", "pi") or (kind in ("yarn", "llama3", "dynamic") and position.scale == 1):
+        return float(position.theta)  # (the scalings are plain RoPE at scale 1)
     if kind == "ntk":
         d = position.head_dim
         return float(position.theta * position.scale ** (d / (d - 2)))

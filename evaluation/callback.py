@@ -112,11 +112,13 @@ class ExtensionEvalCallback(Callback):
     # -- checkpointing: a resumed run keeps the rows of the steps before it (step 0 included) --
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": [{k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()} for row in self.rows]}
+        return {"rows": [{k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()} for row in self.rows],
+                "passkey_skipped": self._passkey_skipped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [dict(row) for row in state_dict.get("rows", [])]
         self._last_step = self.rows[-1]["step"] if self.rows else None  # resumed at that step: not evaluated again
+        self._passkey_skipped = bool(state_dict.get("passkey_skipped", False))
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step

@@ -80,13 +80,13 @@ class PasskeyResult:
         }
 
 
-@torch.no_grad()
 def is_retrieved(text: str, key: str) -> bool:
     """The answer spells the key as a whole number: "12345." and "12345 is" count, "123456" does not (the
     continuation may run past the key: every prompt gets the longest key's answer budget)."""
     return text.startswith(key) and not text[len(key) : len(key) + 1].isdigit()
 
 
+@torch.no_grad()
 def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, n_new: int) -> torch.Tensor:
     """Greedy decoding of n_new tokens for a batch of equal-length prompts (b, n), with the KV cache."""
     batch, length = prompts.shape

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: evaluation runs on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from model.checkpoints import atomic_write  # noqa: E402
 
 
 def to_jsonable(value: Any) -> Any:
@@ -37,9 +38,7 @@ def to_jsonable(value: Any) -> Any:
 
 def write_text(path: Path, text: str) -> None:
     """Atomically: a reader (or a run killed midway) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -49,10 +48,8 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 def save_figure(fig: Any, path: Path) -> None:
     """A PNG, written atomically, and the figure closed."""
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda handle: fig.savefig(handle, dpi=120, format="png"))
     finally:
         plt.close(fig)
 

@@ -30,10 +30,16 @@ def keep_stored_settings(requested: Mapping[str, Any], stored: Mapping[str, Any]
     original_window null would otherwise rotate with the frequencies of a 16384 window.
     """
     merged = dict(requested)
-    if merged.get("kind") == stored.get("kind"):
-        for key, value in stored.items():  # the scale is the run's own choice, never inherited
-            if key != "scale" and merged.get(key) is None and value is not None:
-                merged[key] = value
+    if merged.get("kind") != stored.get("kind"):
+        return merged
+    # The scale is the run's own choice, never inherited; YaRN's attention_factor is a function of the scale,
+    # so it is kept only at the stored scale (a new scale gets its own default, 0.1 ln s + 1).
+    skip = {"scale"}
+    if float(merged.get("scale") or 1.0) != float(stored.get("scale") or 1.0):
+        skip.add("attention_factor")
+    for key, value in stored.items():
+        if key not in skip and merged.get(key) is None and value is not None:
+            merged[key] = value
     return merged
 
 

@@ -204,6 +204,13 @@ def params_from_args(args: ModelArgs, position: Mapping[str, Any]) -> dict[str, 
                 f"{wanted}; export with --to hf, whose rope_scaling can say it."
             )
         params["use_scaled_rope"] = True
+        if args.max_seq_len != SCALED_ROPE_CONTEXT // int(scale):
+            # params.json has no window for Meta's loader (it passes max_seq_len itself); a reload reads this flag
+            # as LLaMA 3.1's 131072-token context.
+            log.warning("Meta's params.json cannot record this model's window %d x %g: read back, it is taken to be %d "
+                        "x %g (LLaMA 3.1's context); pass max_seq_len=%d when loading it (--max-seq-len with "
+                        "python -m model.convert)", args.max_seq_len, scale, SCALED_ROPE_CONTEXT // int(scale), scale,
+                        args.max_seq_len)
     elif kind not in ("rope", "ntk") and scale != 1.0:
         raise CheckpointError(
             f"position {kind!r} with scale {scale:g} cannot be written to Meta's params.json, which only knows rope_theta "

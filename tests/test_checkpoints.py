@@ -343,6 +343,10 @@ def test_a_config_group_naming_the_checkpoints_encoding_keeps_its_stored_setting
     # another encoding, or an explicit setting, takes nothing from the checkpoint
     assert keep_stored_settings({"kind": "yarn", "scale": 8.0, "original_window": None}, pretrained.position)["original_window"] is None
     assert keep_stored_settings({**group, "original_window": 64}, pretrained.position)["original_window"] == 64
+    # YaRN's attention factor belongs to its scale: kept at the stored scale, not carried to another one
+    yarn = {"kind": "yarn", "scale": 40.0, "original_window": 4096, "attention_factor": 1.1557}
+    assert keep_stored_settings({"kind": "yarn", "scale": 40.0, "attention_factor": None}, yarn)["attention_factor"] == 1.1557
+    assert keep_stored_settings({"kind": "yarn", "scale": 80.0, "attention_factor": None}, yarn)["attention_factor"] is None
 
 
 HF_REFUSED_ROPE = [

@@ -366,5 +366,15 @@ def test_the_real_query_key_analysis_reads_each_rows_own_frequencies():
     facts_ntk, _ = analyse_model(ntk, tokens, pairs=4)
     assert facts_ntk["theta"] == pytest.approx(geometric_theta(ntk.position))
     assert facts_ntk["extrapolation_max_median"] != facts_base["extrapolation_max_median"]
+    assert geometric_theta(tiny_model({"kind": "yarn", "scale": 1.0}).position) == base.args.rope_theta  # plain RoPE
     with pytest.raises(EvaluationError, match="position 'yarn' bends them"):
         analyse_model(tiny_model({"kind": "yarn", "scale": 4.0}), tokens, pairs=4)
+
+
+def test_passkey_decoding_runs_without_autograd(tokenizer):
+    """Greedy decoding keeps no activations for a backward pass (at long windows they would not fit)."""
+    model = tiny_model({"kind": "pi", "scale": 8.0}, vocab_size=VOCAB).eval()
+    seen = []
+    model.norm.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    run_passkey(model, tokenizer, 256, num_positions=1, trials=1)
+    assert seen and not any(seen)
