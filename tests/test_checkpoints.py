@@ -460,6 +460,7 @@ def test_meta_params_are_read_per_llama_generation(tmp_path, sp_tokenizer):
     args, position, _ = args_from_params(llama32_1b)
     assert (position["scale"], position["original_window"], args.max_seq_len) == (32.0, 8192, 4096)
     assert params_from_args(args, position)["use_scaled_rope"] is True  # and it writes back as the same flag
+
     # the window Meta leaves out: LLaMA 1 2048, LLaMA 2 4096, LLaMA 3 8192, or the caller's
     assert guess_max_seq_len({"dim": 4096, "norm_eps": 1e-6})[0] == 2048
     assert guess_max_seq_len({"dim": 4096, "norm_eps": 1e-5})[0] == 4096
@@ -469,6 +470,19 @@ def test_meta_params_are_read_per_llama_generation(tmp_path, sp_tokenizer):
     args, _, why = args_from_params({**BASE_PARAMS, "vocab_size": 32, "max_seq_len": 1024})
     assert args.max_seq_len == 1024 and "params.json" in why
     assert load_pretrained(folder, max_seq_len=4096).args.max_seq_len == 4096
+
+
+def test_a_meta_export_whose_llama3_window_params_json_cannot_hold_says_so(caplog):
+    """LLaMA 3 8B (window 8192) read with llama3 x8 would come back as 16384 x 8: the export warns."""
+    args, position, _ = args_from_params({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 32, "rope_theta": 500000.0,
+                                          "use_scaled_rope": True}, max_seq_len=8192)
+    with caplog.at_level("WARNING", logger="model.meta"):
+        assert params_from_args(args, position)["use_scaled_rope"] is True
+    assert "cannot record this model's window 8192 x 8: read back, it is taken to be 16384 x 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="model.meta"):
+        params_from_args(args.with_(max_seq_len=16384), position)
+    assert "cannot record" not in caplog.text
 
 
 def test_meta_vocab_minus_one_without_a_tokenizer_comes_from_the_output_rows(tmp_path, sp_tokenizer):
