@@ -16,6 +16,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from .config import checkpoint_metadata
+
 log = logging.getLogger("train")
 
 
@@ -136,9 +138,7 @@ def _rows_before(path: Path, step: int) -> list[dict[str, Any]]:
 
 def checkpoint_step(path: str | Path) -> int | None:
     """The global step a checkpoint (a file, or a sharded folder's meta.pt) was saved at; None if unreadable."""
-    path = Path(path)
-    target = path / "meta.pt" if path.is_dir() else path
     try:
-        return int(torch.load(target, map_location="cpu", mmap=True, weights_only=True).get("global_step"))
+        return int(checkpoint_metadata(Path(path)).get("global_step"))
     except Exception:  # noqa: BLE001 (a checkpoint that cannot be read fails later with its own message)
         return None
