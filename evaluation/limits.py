@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from model import Llama, ModelArgs, PositionEncoding
+from model.checkpoints import Pretrained
 from model.position import LearnedAbsolute
 
 from evaluation.errors import EvaluationError
@@ -18,6 +22,24 @@ def readable_length(position: PositionEncoding) -> int | None:
 def window_of(args: ModelArgs, position: PositionEncoding) -> int:
     """The window a model of `args` read with `position` is meant for: the base window times the scale (PI's L')."""
     return max(1, round(args.max_seq_len * position.scale))
+
+
+def meant_window(pretrained: Pretrained, position: Mapping[str, Any], module: PositionEncoding) -> int:
+    """The window a checkpoint read with `position` (built as `module`) is meant for.
+
+    Read with the encoding it was trained with, that is the window it was trained at, when the checkpoint
+    records it (`seq_len=` may have made it other than the base window times the scale). Read with another
+    encoding or scale, and for checkpoints that do not record it, it is the base window times the scale.
+    """
+    trained = pretrained.extra.get("train_seq_len")
+    if trained is not None and _kind_and_scale(position) == _kind_and_scale(pretrained.position):
+        return int(trained)
+    return window_of(pretrained.args, module)
+
+
+def _kind_and_scale(position: Mapping[str, Any]) -> tuple[str, float]:
+    scale = position.get("scale")
+    return str(position.get("kind", "rope")), float(scale) if scale is not None else 1.0
 
 
 def extended_window(model: Llama) -> int:

@@ -28,7 +28,7 @@ from evaluation import report
 from evaluation.attention import analyse_model, fit_random_scores, geometric_theta
 from evaluation.errors import EvaluationError
 from evaluation.generation import generate
-from evaluation.limits import check_window, extended_window, readable_length, window_of
+from evaluation.limits import check_window, extended_window, meant_window, readable_length
 from evaluation.passkey import plan_passkey, run_passkey
 from evaluation.perplexity import prepare_documents, sliding_window_perplexity, window_stride
 
@@ -232,7 +232,7 @@ def _preflight(variant: Variant, pretrained: Pretrained, position: dict[str, Any
     before any long computation starts."""
     module = build_position(pretrained.args, position)
     if "passkey" in tasks:
-        window = cfg.passkey.window or window_of(pretrained.args, module)
+        window = cfg.passkey.window or meant_window(pretrained, position, module)
         try:
             plan_passkey(sources.module(pretrained.tokenizer_path).tokenizer, window, cfg.passkey.num_positions,
                          cfg.passkey.trials, cfg.seed)
@@ -351,7 +351,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             if task == "ppl":
                 _ppl(cfg, variant, model, sources.documents(pretrained.tokenizer_path, cfg.split), device, collected)
             elif task == "passkey":
-                _passkey(cfg, variant, model, tokenizer, device, collected)
+                window = cfg.passkey.window or meant_window(pretrained, position, model.position)
+                _passkey(cfg, variant, model, tokenizer, window, device, collected)
             elif task == "attention":
                 _attention(cfg, variant, model, sources.documents(pretrained.tokenizer_path, cfg.split), device, collected)
             else:
@@ -381,9 +382,9 @@ def _ppl(cfg: DictConfig, variant: Variant, model: Llama, documents: list[np.nda
     collected.ppl[variant.name] = by_window
 
 
-def _passkey(cfg: DictConfig, variant: Variant, model: Llama, tokenizer: Any, device: torch.device, collected: Collected) -> None:
+def _passkey(cfg: DictConfig, variant: Variant, model: Llama, tokenizer: Any, window: int, device: torch.device,
+             collected: Collected) -> None:
     p = cfg.passkey
-    window = p.window or extended_window(model)
     check_window(model, window, f"the passkey window {window}")
     result = run_passkey(model, tokenizer, window, p.num_positions, p.trials, cfg.seed, p.batch_size, p.threshold, device).to_dict()
     collected.passkey[variant.name] = result

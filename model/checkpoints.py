@@ -15,7 +15,8 @@ loaded tensors as they are (assign=True), so a checkpoint is never held twice.
 
 The project's own checkpoints are Lightning checkpoints (also plain torch files) holding
     state_dict: {"model.<name>": tensor}   (the LightningModule's)
-    pi_llama:   {"model_args": {...}, "position": {...}, "tokenizer_model": bytes | None, "format": 1}
+    pi_llama:   {"model_args": {...}, "position": {...}, "tokenizer_model": bytes | None, "format": 1,
+                 "train_seq_len": int (the window it was trained at; absent from older checkpoints)}
 """
 
 from __future__ import annotations
@@ -213,15 +214,24 @@ def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def project_payload(args: ModelArgs, position: Mapping[str, Any], tokenizer_path: Path | None) -> dict[str, Any]:
-    """What the project stores beside the weights so a checkpoint rebuilds its own model."""
+def project_payload(
+    args: ModelArgs, position: Mapping[str, Any], tokenizer_path: Path | None, train_seq_len: int | None = None
+) -> dict[str, Any]:
+    """What the project stores beside the weights so a checkpoint rebuilds its own model.
+
+    `train_seq_len` is the window the weights were trained at. It is usually the base window times the
+    scale, but `seq_len=` can make it anything, and evaluation's default passkey window should be it.
+    """
     tokenizer_model = Path(tokenizer_path).read_bytes() if tokenizer_path else None
-    return {
+    payload = {
         "format": FORMAT_VERSION,
         "model_args": args.to_dict(),
         "position": dict(position),
         "tokenizer_model": tokenizer_model,
     }
+    if train_seq_len is not None:
+        payload["train_seq_len"] = int(train_seq_len)
+    return payload
 
 
 def load_project_checkpoint(path: Path, dtype: str | torch.dtype | None = None) -> Pretrained:
@@ -255,8 +265,19 @@ def load_project_checkpoint(path: Path, dtype: str | torch.dtype | None = None) 
         state_dict=state,
         tokenizer_path=tokenizer_path,
         source_format="project",
-        extra={"global_step": global_step, "path": str(path)},
+        extra={"global_step": global_step, "path": str(path), "train_seq_len": _train_seq_len(meta, path)},
     )
+
+
+def _train_seq_len(meta: Mapping[str, Any], path: Path) -> int | None:
+    """The stored training window, None for checkpoints written before it was stored."""
+    value = meta.get("train_seq_len")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{path} records a training window {value!r} that is not a positive integer; its "
+                              f"{PROJECT_KEY!r} entry is damaged, so start from another checkpoint.")
+    return value
 
 
 def _materialise_tokenizer(model_bytes: bytes | None) -> Path | None:

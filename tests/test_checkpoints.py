@@ -950,3 +950,16 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("200KiB") == 200 * 1024 and parse_size("1234") == 1234
     with pytest.raises(CheckpointError, match="is not a size"):
         parse_size("big")
+
+
+def test_the_training_window_is_stored_and_a_damaged_one_is_refused(tmp_path):
+    model = tiny_model({"kind": "pi", "scale": 4.0})
+    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    payload = project_payload(model.args, {"kind": "pi", "scale": 4.0}, None, train_seq_len=96)
+    torch.save({"state_dict": state, PROJECT_KEY: payload, "global_step": 3}, tmp_path / "ok.ckpt")
+    assert load_pretrained(tmp_path / "ok.ckpt").extra["train_seq_len"] == 96
+    older = save_project_checkpoint(tmp_path / "older.ckpt", model, {"kind": "pi", "scale": 4.0})
+    assert load_pretrained(older).extra["train_seq_len"] is None  # written before the window was stored
+    torch.save({"state_dict": state, PROJECT_KEY: {**payload, "train_seq_len": "96"}}, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match=r"bad.ckpt records a training window '96' that is not a positive integer"):
+        load_pretrained(tmp_path / "bad.ckpt")

@@ -28,12 +28,13 @@ from data.tokenizer import train_tokenizer
 from model.checkpoints import project_payload, tokenizer_info
 
 
-def save_checkpoint(path: Path, model, position: dict, tokenizer_path: Path | None, step: int = 0) -> Path:
+def save_checkpoint(path: Path, model, position: dict, tokenizer_path: Path | None, step: int = 0,
+                    train_seq_len: int | None = None) -> Path:
     """A checkpoint in the project's format (see model.checkpoints' docstring)."""
     torch.save(
         {
             "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "pi_llama": project_payload(model.args, position, tokenizer_path),
+            "pi_llama": project_payload(model.args, position, tokenizer_path, train_seq_len),
             "global_step": step,
         },
         path,
@@ -165,6 +166,22 @@ def test_a_data_tokenizer_other_than_the_checkpoints_own_is_refused_even_with_th
         evaluate(refused)
     assert not (tmp_path / "a").exists()
     assert "ppl_table" in evaluate(same)  # the same file elsewhere is the same tokenizer
+
+
+def test_the_default_passkey_window_is_the_window_the_checkpoint_was_trained_at(project, tmp_path):
+    """A PI x8 fine-tune of a 32-token base trained at seq_len=192, not 8 x 32: its own reading tests 192 tokens;
+    read at another scale, or stored without its training window (older checkpoints), it is the base window x scale."""
+    model = tiny_model({"kind": "pi", "scale": 8.0}, vocab_size=VOCAB)
+    position = {"kind": "pi", "scale": 8.0}
+    trained = save_checkpoint(tmp_path / "pi8-192.ckpt", model, position, project["tokenizer"], 10, train_seq_len=192)
+    older = save_checkpoint(tmp_path / "pi8.ckpt", model, position, project["tokenizer"], 10)
+    variants = (f"variants=[{{name: own, ckpt: '{trained}'}}, {{name: x6, ckpt: '{trained}', position: {{kind: pi, scale: 6}}}},"
+                f" {{name: older, ckpt: '{older}'}}]")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[variants, "task=passkey", "passkey.num_positions=2", "passkey.trials=1",
+                                             f"out_dir={tmp_path / 'out'}", *_data_overrides(project)])
+    passkey = evaluate(cfg)["passkey"]
+    assert {name: row["window"] for name, row in passkey.items()} == {"own": 192, "x6": 6 * 32, "older": 256}
 
 
 def math_ok(value) -> bool:

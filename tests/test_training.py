@@ -71,9 +71,12 @@ def test_finetune_without_init_pretrains_and_caches_the_bundled_base_then_extend
     # The fine-tune trained on windows of L * scale tokens.
     summary = OmegaConf.load(tmp_path / "ft" / "summary.json")
     assert summary.seq_len == 256
-    # A later fine-tune finds the cached base instead of pretraining again.
-    again = train(smoke(cache_dir, tmp_path / "ft2", "position=pi", "scale=2"))
+    # Each checkpoint records the window it was trained at (evaluation's default passkey window).
+    assert extended.extra["train_seq_len"] == 256 and load_pretrained(base_path(cfg)).extra["train_seq_len"] == 64
+    # A later fine-tune finds the cached base instead of pretraining again; seq_len= is what it records.
+    again = train(smoke(cache_dir, tmp_path / "ft2", "position=pi", "scale=2", "seq_len=96"))
     assert not (tmp_path / "ft2" / "base_pretrain").exists() and again.stage == "finetune"
+    assert load_pretrained(again.last_checkpoint).extra["train_seq_len"] == 96
 
 
 def test_init_from_a_checkpoint_starts_from_its_weights_and_extends_an_absolute_table(cache_dir, tmp_path):
@@ -384,10 +387,14 @@ def test_a_sweep_runs_on_past_a_refused_job_and_exits_non_zero_listing_it(tmp_pa
 
 def test_train_py_reports_a_bad_override_in_one_sentence_and_exits_non_zero(tmp_path):
     result = subprocess.run(
-        [sys.executable, "train.py", "scale=0.5", f"run_dir={tmp_path}/run"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, str(ROOT / "train.py"), "scale=0.5", "run_dir=run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
     assert "error: scale=0.5 must be a number >= 1" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # Hydra's record of the run (its overrides, its log) goes to run_dir, not to a stray outputs/<date>/<time>.
+    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text().strip() == "- scale=0.5\n- run_dir=run"
+    assert "scale=0.5 must be a number >= 1" in (tmp_path / "run" / "train.log").read_text()
+    assert not (tmp_path / "outputs").exists()

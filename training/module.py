@@ -57,6 +57,7 @@ class CausalLMTask(L.LightningModule):
         loss_chunk_tokens: int = 0,
         weights_follow: bool = False,
         on_nonfinite: str = "stop",
+        train_seq_len: int | None = None,
     ) -> None:
         super().__init__()
         if on_nonfinite not in NONFINITE_POLICIES:
@@ -66,6 +67,7 @@ class CausalLMTask(L.LightningModule):
         self.position_config = dict(position)
         self.optim_config = dict(optim)
         self.tokenizer_path = tokenizer_path
+        self.train_seq_len = train_seq_len  # stored in checkpoints: evaluation's default passkey window
         self.loss_chunk_tokens = loss_chunk_tokens
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
@@ -275,7 +277,7 @@ class CausalLMTask(L.LightningModule):
     # --- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         tokenizer = Path(self.tokenizer_path) if self.tokenizer_path else None
-        checkpoint[PROJECT_KEY] = project_payload(self.args, self.position_config, tokenizer)
+        checkpoint[PROJECT_KEY] = project_payload(self.args, self.position_config, tokenizer, self.train_seq_len)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, PaLM's formula 6N + 12*L*H*Q*T; N counts every matmul weight,

@@ -117,6 +117,7 @@ def train(cfg: DictConfig) -> RunResult:
         loss_chunk_tokens=int(levers["loss_chunk_tokens"]),
         weights_follow=pretrained is not None,
         on_nonfinite=str(levers["on_nonfinite"]),
+        train_seq_len=seq_len,
     )
     check_window_fits(task.model.position, seq_len, args.max_seq_len)
     if pretrained is not None:
@@ -279,6 +280,7 @@ def _trainer(
                                                max_documents=int(cfg.eval.max_documents),
                                                passkey_trials=int(cfg.eval.passkey_trials),
                                                batch_size=int(cfg.eval.batch_size),
+                                               passkey_window=seq_len,  # the window being trained
                                                out_path=run_dir / "eval_by_step.json"))
     resumed_at = checkpoint_step(cfg.resume) if cfg.resume is not None else None
     # Flushed every logging interval, so a killed run loses at most that many rows.
