@@ -445,18 +445,43 @@ def check_tokenizer(args: ModelArgs, tokenizer: Any) -> None:
 
 
 def check_same_tokenizer(pretrained: Pretrained, tokenizer: str | os.PathLike) -> None:
-    """Refuse a tokenizer file other than the one the weights come with (embedded in a project checkpoint, or
-    beside Meta's or HF's weights): a vocabulary of the same size would still give every id another meaning."""
+    """Refuse a tokenizer other than the one the weights come with (embedded in a project checkpoint, or
+    beside Meta's or HF's weights): a vocabulary of the same size would still give every id another meaning.
+
+    Two files are the same tokenizer when their bytes are, or when they hold the same vocabulary: a
+    re-serialised copy (another sentencepiece version, line endings in a tiktoken file) is accepted.
+    """
     own = pretrained.tokenizer_path
     if own is None:
         return
     try:
-        same = Path(own).read_bytes() == Path(tokenizer).read_bytes()
+        same = Path(own).read_bytes() == Path(tokenizer).read_bytes() or _vocabulary(Path(own)) == _vocabulary(Path(tokenizer))
     except OSError as error:
         raise CheckpointError(f"cannot read tokenizer {tokenizer} ({error.strerror}); check the file.") from None
     if not same:
         raise CheckpointError(f"tokenizer {tokenizer} is not the one these weights come with ({own}); leave data.tokenizer "
                               "unset to read them with their own.")
+
+
+# Text the vocabulary comparison also encodes, so that two models with the same pieces but other
+# normalisation rules (a dummy prefix, whitespace handling, byte fallback) count as different.
+_PROBE_TEXT = "  Hello, World!\tIt's 2026 -- naïve café, 東京 and 3.14159.\n\nNew line."
+
+
+def _vocabulary(path: Path) -> tuple | None:
+    """What a tokenizer maps between text and ids, comparable across serialisations; None if unreadable."""
+    data = path.read_bytes()
+    if _TIKTOKEN_LINE.match(data[:4096].split(b"\n", 1)[0]):
+        return ("tiktoken", tuple(sorted(line.split() for line in data.splitlines() if line.strip())))
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+    except Exception:
+        return None
+    pieces = tuple((sp.id_to_piece(i), sp.get_score(i), sp.is_control(i), sp.is_unknown(i), sp.is_byte(i))
+                   for i in range(sp.get_piece_size()))
+    return ("sentencepiece", pieces, tuple(sp.encode(_PROBE_TEXT)), sp.bos_id(), sp.eos_id(), sp.pad_id())
 
 
 # ----------------------------------------------------------------------------- detection

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from conftest import ROOT, tiny_model
+from conftest import ROOT, tiny_args, tiny_model
 
 from model import build_model, keep_stored_settings
 from model.checkpoints import (
@@ -21,6 +21,7 @@ from model.checkpoints import (
     CheckpointError,
     Pretrained,
     atomic_directory,
+    check_same_tokenizer,
     check_tokenizer,
     detect_format,
     load_into,
@@ -963,3 +964,15 @@ def test_the_training_window_is_stored_and_a_damaged_one_is_refused(tmp_path):
     torch.save({"state_dict": state, PROJECT_KEY: {**payload, "train_seq_len": "96"}}, tmp_path / "bad.ckpt")
     with pytest.raises(CheckpointError, match=r"bad.ckpt records a training window '96' that is not a positive integer"):
         load_pretrained(tmp_path / "bad.ckpt")
+
+
+def test_a_tiktoken_file_with_other_line_endings_is_the_same_tokenizer_and_other_ranks_are_not(tmp_path):
+    ranks = [b"IQ== 0", b"Ig== 1", b"Iw== 2", b"JA== 3"]
+    own, crlf, swapped = tmp_path / "own.model", tmp_path / "crlf.model", tmp_path / "swapped.model"
+    own.write_bytes(b"\n".join(ranks) + b"\n")
+    crlf.write_bytes(b"\r\n".join(ranks) + b"\r\n")
+    swapped.write_bytes(b"\n".join([b"Ig== 0", b"IQ== 1", *ranks[2:]]) + b"\n")
+    pretrained = Pretrained(tiny_args(), {"kind": "rope"}, {}, tokenizer_path=own)
+    check_same_tokenizer(pretrained, crlf)
+    with pytest.raises(CheckpointError, match="is not the one these weights come with"):
+        check_same_tokenizer(pretrained, swapped)
