@@ -29,7 +29,9 @@ QUESTION = "What is the pass key? The pass key is"
 # Part of the token cache key: bump when the documents this module generates change.
 # 4: the evaluation's token layout (was text with word-level filler cuts); distances uniform; each
 # document placed whole inside one block of max_tokens (BlockPlacement), no longer cut by windowing.
-RECIPE = 4
+# 5: keys drawn from a stream of their own; with random.Random(seed), as the evaluation's, a third of the
+# evaluation's keys had been trained on.
+RECIPE = 5
 
 
 class TokenizerLike(Protocol):
@@ -150,7 +152,10 @@ def passkey_documents(tokenizer: TokenizerLike, count: int, max_tokens: int, see
     if count < 0:
         raise DataError(f"the number of passkey documents must be >= 0, not {count}")
     prompter = PasskeyPrompter(tokenizer)
-    rng = random.Random(seed)
+    # Not random.Random(seed): evaluation.passkey draws its keys from that stream, and with the same seed
+    # (reproduce.py uses one for both) the two fell into step and shared about a third of their keys.
+    # A stream of its own shares keys only by chance (count / 90000 of the evaluation's).
+    rng = random.Random(f"passkey-training-documents-{seed}")
     documents: list[list[int]] = []
     while len(documents) < count:
         key = str(rng.randint(10000, 99999))

@@ -427,6 +427,20 @@ def test_passkey_documents_are_evaluation_prompts_answered(tok: Tokenizer) -> No
     assert passkey_documents(tok, 5, 256, seed=3) == documents[:5]  # seeded
 
 
+@pytest.mark.parametrize("seed", [0, 1234])
+def test_passkey_training_keys_are_not_the_evaluations_keys(tok: Tokenizer, seed: int) -> None:
+    """Training and evaluation at the same seed (as reproduce.py runs them) share keys only by chance:
+    a model tested on keys it was trained on could complete a half-read key from memory."""
+    from data.synthetic_passkey import passkey_documents
+    from evaluation.passkey import plan_passkey
+
+    trained = {tok.decode(ids).rsplit(" ", 1)[1].rstrip(".") for ids in passkey_documents(tok, 1000, max_tokens=256, seed=seed)}
+    tested = [key for row in plan_passkey(tok, 256, num_positions=32, trials=10, seed=seed).keys for key in row]
+    shared = sum(key in trained for key in tested)
+    # By chance: 320 keys x 1000 / 90000 = 3.6 expected; sharing one stream gave about a third of them.
+    assert shared <= 12, f"{shared} of {len(tested)} evaluation keys were trained on"
+
+
 def test_passkey_mix_is_the_requested_share_of_train_only(shk: TextDataModule) -> None:
     block = 128
     mixed = TextDataModule(seq_len=2 * block, batch_size=4, cache_dir=str(shk.cache_dir), seed=0,
