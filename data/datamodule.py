@@ -34,25 +34,37 @@ _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "t
 class ResumableSampler(Sampler[int]):
     """One rank's share of an endless stream of shuffled passes over the train windows.
 
-    The stream is the concatenation of randperm(n) seeded with seed + pass; global sample g
-    goes to rank g mod world_size, so with a global batch of B the union of the ranks' batches
+    The stream is the concatenation of randperm(n) seeded with seed + pass x PASS_SEED_STRIDE; global
+    sample g goes to rank g mod world_size, so with a global batch of B the union of the ranks' batches
     is the same B consecutive samples whatever the number of processes (2 x 2 equals 1 x 4).
     Each iteration starts where `position()` (global samples already trained on) says, which is
     what makes a resumed run see exactly the data the interrupted one would have seen next.
     """
 
+    # Passes of one seed are this many seeds apart (seed + pass made seed s's second pass seed s + 1's
+    # first, so the runs of a seed sweep longer than a pass shared orders); pass 0 is seed's as before.
+    PASS_SEED_STRIDE = 1_000_003
+
     def __init__(
-        self, num_samples: int, seed: int, position: Callable[[], int], rank: int = 0, world_size: int = 1
+        self, num_samples: int, seed: int, position: Callable[[], int], rank: int = 0, world_size: int = 1,
+        per_step: int = 1,
     ) -> None:
-        """`position` is a callable returning the number of global samples consumed so far."""
+        """`position` is a callable returning the number of global samples consumed so far; `per_step` is how
+        many samples one rank takes per optimizer step (batch size x gradient accumulation)."""
         self.num_samples, self.seed, self.position, self.rank, self.world_size = num_samples, seed, position, rank, world_size
+        self.per_step = per_step
 
     def __len__(self) -> int:
-        """One pass's share per rank: what Lightning counts as an epoch."""
-        return self.num_samples // self.world_size
+        """About one pass's share per rank, what Lightning counts as an epoch, cut to whole optimizer steps.
+
+        Lightning steps the optimizer at every epoch's end: an epoch ending inside an accumulation would
+        make a step of fewer micro-batches than the others. Nothing is skipped by the cut: the next epoch
+        goes on from `position()`.
+        """
+        return (self.num_samples // self.world_size) // self.per_step * self.per_step
 
     def _order(self, data_pass: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + data_pass)
+        generator = torch.Generator().manual_seed(self.seed + data_pass * self.PASS_SEED_STRIDE)
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
@@ -93,11 +105,13 @@ class TextDataModule(L.LightningDataModule):
         passkey_max_tokens: int | None = None,
         seq_len: int,
         seed: int = 0,
+        accumulate_grad_batches: int = 1,
     ) -> None:
         """Store and sanity-check the settings; no file or data work happens here.
 
         passkey_share > 0 mixes answered passkey prompts (data/synthetic_passkey.py) of at most
         passkey_max_tokens tokens (None: seq_len) into the train split, as that share of its tokens.
+        accumulate_grad_batches is the trainer's: training epochs end on whole optimizer steps.
         """
         super().__init__()
         sources.check_source(source)
@@ -106,6 +120,7 @@ class TextDataModule(L.LightningDataModule):
             ("batch_size", batch_size, 1),
             ("eval_batch_size", eval_batch_size, 1),
             ("num_workers", num_workers, 0),
+            ("accumulate_grad_batches", accumulate_grad_batches, 1),
         ):
             if not isinstance(value, int) or value < low:
                 raise DataError(f"data setting {name}={value!r} is invalid; use an integer >= {low}")
@@ -126,6 +141,7 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_path = tokenizer
         self.vocab_size = vocab_size
         self.batch_size = batch_size
+        self.accumulate_grad_batches = accumulate_grad_batches
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -224,7 +240,14 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded), full batches only, this rank's share, from the current data position."""
         rank, world_size = self._data_parallel_rank()
-        sampler = ResumableSampler(len(self.dataset("train")), self.seed, self.samples_seen, rank, world_size)
+        n, per_step = len(self.dataset("train")), self.batch_size * self.accumulate_grad_batches
+        sampler = ResumableSampler(n, self.seed, self.samples_seen, rank, world_size, per_step)
+        if len(sampler) == 0:  # Lightning would end the run at once, with an info line, and save an untrained model
+            raise DataError(
+                f"the train split has {n} windows of seq_len + 1 = {self.seq_len + 1} tokens, fewer than one optimizer "
+                f"step takes (batch_size {self.batch_size} x accumulate_grad_batches {self.accumulate_grad_batches} x "
+                f"{world_size} processes = {per_step * world_size}); lower batch_size, seq_len or the number of devices"
+            )
         generator = torch.Generator().manual_seed(self.seed)  # worker seeds only; the order is the sampler's
         return self._loader(self.dataset("train"), self.batch_size, sampler=sampler, generator=generator, drop_last=True)
 

@@ -80,8 +80,9 @@ def test_the_ranks_batches_together_are_the_one_process_batch():
         assert sorted(together) == sorted(one[4 * b:4 * b + 4])
     # From a saved position, the stream continues where it was, across the end of a pass.
     seen[0] = 8
-    assert list(ResumableSampler(10, seed=3, position=lambda: seen[0]))[:4] == (one + list(
-        ResumableSampler(10, seed=4, position=lambda: 0)))[8:12]
+    second_pass = list(ResumableSampler(10, seed=3, position=lambda: 10))
+    assert list(ResumableSampler(10, seed=3, position=lambda: seen[0]))[:4] == (one + second_pass)[8:12]
+    assert sorted(second_pass) == list(range(10)) and second_pass != one
 
 
 def test_fsdp_is_fsdp2_through_lightnings_model_parallel_strategy():

@@ -347,6 +347,12 @@ def test_multirun_sweep_composes(tmp_path):
         (["resume=/no/such.ckpt"], "resume=/no/such.ckpt does not exist"),
         (["stage=bogus"], "stage='bogus' is not one of"),
         (["optim.pretrain.max_steps=0"], "optim.pretrain.max_steps=0 must be a positive integer"),
+        (["optim.pretrain.schedule=linear"], r"optim.pretrain.schedule='linear' is not a schedule; choose one of constant, cosine"),
+        (["optim.pretrain.warmup_steps=-3"], r"optim.pretrain.warmup_steps=-3 must be an integer >= 0"),
+        (["position=pi", "scale=8", "optim.finetune.warmup_start_ratio=5"],
+         r"optim.finetune.warmup_start_ratio=5 must be a fraction of the peak lr in \[0, 1\]"),
+        (["optim.pretrain.min_lr_ratio=-0.1"], r"optim.pretrain.min_lr_ratio=-0.1 must be a fraction"),
+        (["optim.pretrain.weight_decay=-1"], r"optim.pretrain.weight_decay=-1 must be a finite number >= 0"),
         (["model.n_heads=3"], "divisible by model.n_heads"),
         (["position=yarn", "position.beta_fast=x"], "position.beta_fast=.x. must be a number"),
         (["position=pi"], r"position=pi at scale 1 reads positions exactly as plain RoPE does; pass scale=S"),
@@ -366,7 +372,8 @@ def test_bad_values_fail_before_any_data_work(overrides, message):
         validate(compose_config(*overrides))
 
 
-@pytest.mark.parametrize("overrides", [["no_such_key=1"], ["position=alibi"], ["model=gpt5"], ["optim.finetune.lr_typo=1"]])
+@pytest.mark.parametrize("overrides", [["no_such_key=1"], ["position=alibi"], ["model=gpt5"], ["optim.finetune.lr_typo=1"],
+                                       ["data.batch_size=64"]])  # the batch size is optim.<stage>.batch_size
 def test_unknown_keys_and_options_are_refused_by_hydra(overrides):
     with pytest.raises(HydraException):
         compose_config(*overrides)
@@ -398,3 +405,56 @@ def test_train_py_reports_a_bad_override_in_one_sentence_and_exits_non_zero(tmp_
     assert (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text().strip() == "- scale=0.5\n- run_dir=run"
     assert "scale=0.5 must be a number >= 1" in (tmp_path / "run" / "train.log").read_text()
     assert not (tmp_path / "outputs").exists()
+
+
+def _small_corpus(tmp_path: Path) -> list[str]:
+    """Data overrides for a corpus of about 100 training windows of 64 tokens: a pass is a few steps."""
+    import random as stdlib_random
+
+    rng = stdlib_random.Random(0)
+    words = "the king and queen of every land rode out to see a play about love war and grief".split()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(120))}) + "\n" for _ in range(24)))
+    return ["data=jsonl", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=300"]
+
+
+def test_a_pass_shorter_than_one_optimizer_step_is_refused_in_one_sentence(tmp_path):
+    from data.datamodule import TextDataModule
+    from data.errors import DataError
+
+    settings = OmegaConf.to_container(compose_config("experiment=smoke", *_small_corpus(tmp_path)).data, resolve=True)
+    windows = len(TextDataModule(**settings, seq_len=64).prepare().dataset("train"))
+    module = TextDataModule(**{**settings, "batch_size": windows // 2 + 1}, seq_len=64, accumulate_grad_batches=2).prepare()
+    with pytest.raises(DataError, match=rf"the train split has {windows} windows .* fewer than one optimizer step takes "
+                                        rf"\(batch_size {windows // 2 + 1} x accumulate_grad_batches 2 x 1 processes"):
+        module.train_dataloader()
+
+
+def test_accumulated_steps_stay_whole_across_the_ends_of_passes(tmp_path):
+    """Lightning steps the optimizer at every epoch's end; an epoch of an odd number of batches under
+    accumulate_grad_batches=2 made every pass end in a step of one micro-batch (scaled as two)."""
+    from data.datamodule import TextDataModule
+
+    data = _small_corpus(tmp_path)
+    settings = OmegaConf.to_container(compose_config("experiment=smoke", *data).data, resolve=True)
+    windows = len(TextDataModule(**settings, seq_len=64).prepare().dataset("train"))
+    batch = next(b for b in range(2, windows) if (windows // b) % 2 == 1)  # a pass: an odd number of batches
+    steps = 2 * (windows // (2 * batch)) + 3  # past the end of two passes
+    cfg = compose_config("experiment=smoke", *data, f"run_dir={tmp_path / 'run'}", "stage=pretrain", "register_base=false",
+                         f"optim.pretrain.max_steps={steps}", f"optim.pretrain.batch_size={batch}",
+                         "trainer.accumulate_grad_batches=2", "trainer.val_check_interval=1000")
+    result = train(cfg)
+    saved = torch.load(result.last_checkpoint, weights_only=True)
+    assert saved["global_step"] == steps
+    assert saved["TextDataModule"]["samples_seen"] == steps * 2 * batch  # every step had both micro-batches
+
+
+def test_the_data_order_of_a_pass_is_not_another_seeds(tmp_path):
+    from data.datamodule import ResumableSampler
+
+    def order(seed: int, data_pass: int) -> list[int]:
+        return ResumableSampler(50, seed, lambda: 50 * data_pass)._order(data_pass)
+
+    assert order(7, 1) != order(8, 0) and order(7, 0) != order(7, 1)
+    assert len(ResumableSampler(10, 0, lambda: 0, per_step=4)) == 8  # whole optimizer steps
+    assert len(ResumableSampler(10, 0, lambda: 0, world_size=2, per_step=4)) == 4

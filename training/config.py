@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from model import ModelArgs, PositionError, build_position
 
+from training.schedule import SCHEDULES
+
 STAGES = ("auto", "pretrain", "finetune")
 NONFINITE_POLICIES = ("stop", "skip")
 COMMON_STRATEGIES = ("auto", "ddp", "fsdp")  # checked without importing Lightning (seconds of start-up)
@@ -94,6 +96,7 @@ def validate(cfg: DictConfig) -> str:
             raise ConfigError(f"optim.{stage}.{key}={recipe[key]!r} must be a positive integer.")
     if isinstance(recipe.lr, bool) or not isinstance(recipe.lr, Real) or not 0 < recipe.lr < math.inf:
         raise ConfigError(f"optim.{stage}.lr={recipe.lr!r} must be a positive finite number.")
+    _validate_schedule(recipe, f"optim.{stage}")
     validate_trainer(cfg.trainer)
     if cfg.resume is not None:
         check_resumable(Path(str(cfg.resume)).expanduser(), str(cfg.trainer.strategy),
@@ -101,6 +104,20 @@ def validate(cfg: DictConfig) -> str:
     if cfg.run_dir is not None:
         check_writable(Path(str(cfg.run_dir)))
     return stage
+
+
+def _validate_schedule(recipe: DictConfig, where: str) -> None:
+    """The warmup and decay settings, checked before tokenizing and loading weights (minutes for a 7B)."""
+    if recipe.schedule not in SCHEDULES:
+        raise ConfigError(f"{where}.schedule={recipe.schedule!r} is not a schedule; choose one of {', '.join(SCHEDULES)}.")
+    if isinstance(recipe.warmup_steps, bool) or not isinstance(recipe.warmup_steps, int) or recipe.warmup_steps < 0:
+        raise ConfigError(f"{where}.warmup_steps={recipe.warmup_steps!r} must be an integer >= 0 (0: no warmup).")
+    for key in ("warmup_start_ratio", "min_lr_ratio"):
+        value = recipe.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
+            raise ConfigError(f"{where}.{key}={value!r} must be a fraction of the peak lr in [0, 1].")
+    if isinstance(recipe.weight_decay, bool) or not isinstance(recipe.weight_decay, Real) or not 0 <= recipe.weight_decay < math.inf:
+        raise ConfigError(f"{where}.weight_decay={recipe.weight_decay!r} must be a finite number >= 0.")
 
 
 def validate_eval(settings: DictConfig, position: Any = None) -> None:

@@ -77,7 +77,8 @@ def train(cfg: DictConfig) -> RunResult:
     if data_cfg.get("passkey_max_tokens") is None:
         data_cfg["passkey_max_tokens"] = base_window  # passkey documents stay within the base window L
     data_cfg["batch_size"] = int(recipe.batch_size)
-    datamodule = TextDataModule(**data_cfg, seq_len=seq_len, seed=int(cfg.seed))
+    datamodule = TextDataModule(**data_cfg, seq_len=seq_len, seed=int(cfg.seed),
+                                accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches") or 1))
     tokenizer = datamodule.tokenizer
     if args is None:
         args = model_args_from_config(cfg.model, tokenizer.vocab_size)
