@@ -73,7 +73,8 @@ def source_identity(
         st = file.stat()
         ident.update(path=str(file), size=st.st_size, mtime_ns=st.st_mtime_ns, text_field=text_field)
     else:
-        ident.update(hf_name=hf_name, hf_config=hf_config, text_field=text_field)
+        # hf_splits 2: a dataset's own validation or test split is kept when it lacks the other (1 re-split train).
+        ident.update(hf_name=hf_name, hf_config=hf_config, text_field=text_field, hf_splits=2)
     return ident
 
 
@@ -221,7 +222,16 @@ def _load_hf(hf_name: str | None, hf_config: str | None, text_field: str) -> Doc
     if all(s in available for s in SPLITS):
         return {s: [t for t in ds[s][text_field] if t and t.strip()] for s in SPLITS}
     if "train" in available:
-        log.info("dataset %s has splits %s; splitting its train split by document", hf_name, available)
         texts = ds["train"][text_field]
-        return _split_named([(hashlib.sha256(t.encode("utf-8")).hexdigest(), t) for t in texts if t], hf_name)
+        carved = _split_named([(hashlib.sha256(t.encode("utf-8")).hexdigest(), t) for t in texts if t], hf_name)
+        own = [s for s in SPLITS if s != "train" and s in available]
+        missing = [s for s in SPLITS if s != "train" and s not in available]
+        # Warned, not logged: the numbers evaluated on a split carved out of train are not the dataset's own.
+        log.warning("dataset %s has splits %s; its %s split%s carved out of its train split by document%s", hf_name,
+                    available, " and ".join(missing), "s are" if len(missing) > 1 else " is",
+                    f" (its own {' and '.join(own)} is used)" if own else "")
+        documents = {s: [t for t in ds[s][text_field] if t and t.strip()] if s in own else carved[s] for s in SPLITS}
+        # Documents carved for a split the dataset has its own of go back to training.
+        documents["train"] = carved["train"] + [t for s in own for t in carved[s]]
+        return documents
     raise DataError(f"Hugging Face dataset {hf_name!r} has splits {available} but no 'train'; pick another dataset")

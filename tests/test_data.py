@@ -371,6 +371,28 @@ def test_error_hf_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
         load_documents("hf", hf_name="pg19")
 
 
+def test_an_hf_dataset_keeps_its_own_test_split_and_carves_only_the_missing_one(monkeypatch: pytest.MonkeyPatch,
+                                                                                caplog: pytest.LogCaptureFixture) -> None:
+    class Split:
+        def __init__(self, texts: list[str]) -> None:
+            self.texts, self.column_names = texts, ["text"]
+
+        def __getitem__(self, column: str) -> list[str]:
+            return self.texts
+
+    train = [f"training document number {i} " * 5 for i in range(200)]
+    test = [f"the dataset's own test document {i}" for i in range(7)]
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda name, config: {"train": Split(train), "test": Split(test)}
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with caplog.at_level("WARNING"):
+        documents = load_documents("hf", hf_name="some/dataset")
+    assert documents["test"] == test  # not a carve-out of train
+    assert documents["validation"] and set(documents["validation"]) <= set(train)
+    assert sorted(documents["train"] + documents["validation"]) == sorted(train)  # nothing of train is lost
+    assert "its validation split is carved out of its train split by document (its own test is used)" in caplog.text
+
+
 def test_error_tiktoken_tokenizer_in_datamodule(tmp_path: Path) -> None:
     fake = tmp_path / "tokenizer.model"
     fake.write_text("IQ== 0\nIg== 1\n")
