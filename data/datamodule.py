@@ -226,7 +226,11 @@ class TextDataModule(L.LightningDataModule):
         return self._stores[split]
 
     def documents(self, split: str) -> list[np.ndarray]:
-        """Token ids of every document of `split` (BOS ... EOS each), e.g. for sliding-window perplexity."""
+        """Token ids of every document of `split` (BOS ... EOS each), e.g. for sliding-window perplexity.
+
+        With a passkey mix, the train split's pieces are not documents: corpus documents are cut where
+        prompts were placed between them. Validation and test never have prompts.
+        """
         return self.store(split).documents()
 
     def dataset(self, split: str) -> PackedWindows:

@@ -215,6 +215,14 @@ def validate_trainer(trainer: DictConfig) -> None:
                           "(or another name Lightning registers).")
     if isinstance(trainer.num_nodes, bool) or not isinstance(trainer.num_nodes, int) or trainer.num_nodes < 1:
         raise ConfigError(f"trainer.num_nodes={trainer.num_nodes!r} must be a positive integer.")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate!r} must be a positive integer.")
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit % accumulate:
+        # Lightning steps at every epoch's end: each epoch would end in a step of fewer micro-batches.
+        raise ConfigError(f"trainer.limit_train_batches={limit} is not a multiple of trainer.accumulate_grad_batches="
+                          f"{accumulate}; every epoch would end in a short step, so use a multiple (or null).")
 
 
 def _is_lightning_strategy(name: Any) -> bool:
