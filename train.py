@@ -13,7 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import training.resolvers  # noqa: F401  (conf/config.yaml's ${if_null:...}, needed before Hydra composes)
+import training.resolvers  # noqa: F401  (conf/config.yaml's ${run_dir_or:...}, needed before Hydra composes)
 
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that signal ended
 # Jobs of a multirun sweep that failed: the sweep goes on past them and exits non-zero at the end.

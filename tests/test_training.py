@@ -410,6 +410,16 @@ def test_train_py_reports_a_bad_override_in_one_sentence_and_exits_non_zero(tmp_
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_run_dir_that_cannot_be_made_is_one_sentence_not_hydras_traceback(tmp_path):
+    """Hydra makes its run folder (run_dir) before train.py runs: one it cannot make falls back to
+    outputs/<date>/<time>, so that train.py's own check can name the problem."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "run_dir=/dev/null/run"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: output folder /dev/null/run cannot be written (/dev/null is not a writable "
+                                     "folder); choose another run_dir.")
+
+
 def _small_corpus(tmp_path: Path) -> list[str]:
     """Data overrides for a corpus of about 100 training windows of 64 tokens: a pass is a few steps."""
     import random as stdlib_random
