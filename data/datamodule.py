@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "PI_LLAMA_CACHE"
 # Bump when train_tokenizer's settings change, so old cached tokenizers are not reused.
 TOKENIZER_RECIPE = 1
+# The train stream's shuffling (ResumableSampler), saved with the data position: 1 seeded pass p with seed + p.
+DATA_ORDER = 2
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
 
 
@@ -288,13 +290,21 @@ class TextDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """The data position, saved in every checkpoint."""
-        return {"samples_seen": self._samples_seen, "seed": self.seed}
+        """The data position, saved in every checkpoint, with what it is a position in."""
+        return {"samples_seen": self._samples_seen, "seed": self.seed, "order": DATA_ORDER, "tokens": self.token_dir.name}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the data position (before Lightning asks for the train loader)."""
         if state_dict.get("seed", self.seed) != self.seed:
             log.warning("resuming with seed=%s but the checkpoint's data order used seed=%s", self.seed, state_dict["seed"])
+        if state_dict.get("order", 1) != DATA_ORDER:
+            log.warning("the checkpoint's data position was saved by an earlier version, whose passes after the first "
+                        "were shuffled differently: from the second pass on, this run reads another order")
+        saved_tokens = state_dict.get("tokens")
+        if saved_tokens is not None and saved_tokens != self.token_dir.name:
+            log.warning("the checkpoint's data position counts windows of token cache %s, this run reads %s (another "
+                        "corpus, tokenizer or passkey recipe): training goes on from the same count, in other data",
+                        saved_tokens, self.token_dir.name)
         self._samples_seen = int(state_dict.get("samples_seen", 0))
 
     def _data_parallel_rank(self) -> tuple[int, int]:

@@ -29,17 +29,18 @@ def meant_window(pretrained: Pretrained, position: Mapping[str, Any], module: Po
 
     Read with the encoding it was trained with, that is the window it was trained at, when the checkpoint
     records it (`seq_len=` may have made it other than the base window times the scale). Read with another
-    encoding or scale, and for checkpoints that do not record it, it is the base window times the scale.
+    encoding, scale or theta, and for checkpoints that do not record it, it is the base window times the scale.
     """
     trained = pretrained.extra.get("train_seq_len")
-    if trained is not None and _kind_and_scale(position) == _kind_and_scale(pretrained.position):
+    if trained is not None and _reading(position) == _reading(pretrained.position):
         return int(trained)
     return window_of(pretrained.args, module)
 
 
-def _kind_and_scale(position: Mapping[str, Any]) -> tuple[str, float]:
-    scale = position.get("scale")
-    return str(position.get("kind", "rope")), float(scale) if scale is not None else 1.0
+def _reading(position: Mapping[str, Any]) -> tuple[str, float, float | None]:
+    """Encoding, scale and rotary base: what makes two readings of one checkpoint different encodings."""
+    scale, theta = position.get("scale"), position.get("theta")
+    return str(position.get("kind", "rope")), float(scale) if scale is not None else 1.0, float(theta) if theta else None
 
 
 def extended_window(model: Llama) -> int:

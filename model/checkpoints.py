@@ -452,15 +452,17 @@ def check_same_tokenizer(pretrained: Pretrained, tokenizer: str | os.PathLike) -
     re-serialised copy (another sentencepiece version, line endings in a tiktoken file) is accepted.
     """
     own = pretrained.tokenizer_path
-    if own is None:
-        return
-    try:
-        same = Path(own).read_bytes() == Path(tokenizer).read_bytes() or _vocabulary(Path(own)) == _vocabulary(Path(tokenizer))
-    except OSError as error:
-        raise CheckpointError(f"cannot read tokenizer {tokenizer} ({error.strerror}); check the file.") from None
-    if not same:
+    if own is not None and not same_tokenizer(own, tokenizer):
         raise CheckpointError(f"tokenizer {tokenizer} is not the one these weights come with ({own}); leave data.tokenizer "
                               "unset to read them with their own.")
+
+
+def same_tokenizer(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two tokenizer files are the same tokenizer: the same bytes, or the same vocabulary."""
+    try:
+        return Path(a).read_bytes() == Path(b).read_bytes() or _vocabulary(Path(a)) == _vocabulary(Path(b))
+    except OSError as error:
+        raise CheckpointError(f"cannot read tokenizer {error.filename} ({error.strerror}); check the file.") from None
 
 
 # Text the vocabulary comparison also encodes, so that two models with the same pieces but other

@@ -542,3 +542,17 @@ def test_passkey_window_too_short_for_a_document(tok: Tokenizer) -> None:
 
     with pytest.raises(DataError, match="passkey_max_tokens=20"):
         passkey_documents(tok, 1, max_tokens=20, seed=0)
+
+
+def test_a_data_position_says_what_it_counts_and_a_resume_warns_when_that_changed(
+        shk: TextDataModule, caplog: pytest.LogCaptureFixture) -> None:
+    state = shk.state_dict()
+    assert state["order"] == 2 and state["tokens"] == shk.token_dir.name
+    with caplog.at_level("WARNING"):
+        shk.load_state_dict(state)
+        assert not caplog.records  # the same data: nothing to say
+        shk.load_state_dict({"samples_seen": 5, "seed": 0})  # written before order and tokens were saved
+        shk.load_state_dict({**state, "tokens": "other-cache"})
+    assert "from the second pass on, this run reads another order" in caplog.records[0].getMessage()
+    assert f"token cache other-cache, this run reads {shk.token_dir.name}" in caplog.records[1].getMessage()
+    shk.load_state_dict(state)

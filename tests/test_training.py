@@ -160,6 +160,38 @@ def test_a_run_is_resumed_only_with_the_position_it_was_trained_with(cache_dir, 
     validate(smoke(cache_dir, tmp_path / "b", *pi, f"resume={first.last_checkpoint}"))  # the same overrides: resumable
 
 
+def test_a_run_is_resumed_only_on_the_tokenizer_it_was_trained_with(cache_dir, tmp_path):
+    """Other data settings (or a token cache rebuilt under another rule) give another tokenizer: the weights
+    would go on training on ids that mean other pieces. Refused before any weights are loaded."""
+    first = train(smoke(cache_dir, tmp_path / "a", "stage=pretrain", "optim.pretrain.max_steps=2", "register_base=false"))
+    resume = [f"resume={first.last_checkpoint}", "stage=pretrain", "optim.pretrain.max_steps=3", "register_base=false"]
+    with pytest.raises(ConfigError, match=rf"resume={first.last_checkpoint} was trained with another tokenizer than this "
+                                          r"run's .*; resume with the interrupted run's data settings"):
+        train(smoke(cache_dir, tmp_path / "b", *resume, "data.vocab_size=400"))
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    assert train(smoke(cache_dir, tmp_path / "a", *resume)).metrics  # the same data settings: resumed
+
+
+def test_a_resume_keeps_the_first_runs_hydra_record_and_hydra_writes_into_run_dir(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        first = compose("config", overrides=[f"run_dir={tmp_path / 'run'}"], return_hydra_config=True)
+        resumed = compose("config", overrides=[f"run_dir={tmp_path / 'run'}", "resume=last.ckpt"], return_hydra_config=True)
+        default = compose("config", return_hydra_config=True)
+    assert first.hydra.run.dir == str(tmp_path / "run") and first.hydra.output_subdir == ".hydra"
+    assert resumed.hydra.output_subdir.startswith(".hydra/resumed-")  # beside the first run's, not over it
+    assert default.hydra.run.dir.startswith("outputs/")
+
+
+def test_the_bundled_base_of_a_passkey_mix_is_keyed_by_the_prompt_recipe(monkeypatch):
+    """A new passkey recipe is new training data: a cached base trained on the old prompts is not reused."""
+    import training.run as run
+
+    plain, mixed = compose_config(), compose_config("data.passkey_share=0.2")
+    before = (run._base_key(plain), run._base_key(mixed))
+    monkeypatch.setattr(run, "PASSKEY_RECIPE", run.PASSKEY_RECIPE + 1)
+    assert run._base_key(plain) == before[0] and run._base_key(mixed) != before[1]
+
+
 def test_a_resumed_run_keeps_the_by_step_rows_of_the_steps_before_it(cache_dir, tmp_path):
     """The callback's rows travel in the checkpoint: step 0 (the paper's "no fine-tuning" row) survives a resume."""
     common = ("stage=pretrain", "position=pi", "scale=2", "register_base=false", "eval.every_n_steps=1",
@@ -356,6 +388,8 @@ def test_multirun_sweep_composes(tmp_path):
         (["trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0 must be a positive integer"),
         (["trainer.accumulate_grad_batches=2", "trainer.limit_train_batches=3"],
          r"trainer.limit_train_batches=3 is not a multiple of trainer.accumulate_grad_batches=2"),
+        (["trainer.accumulate_grad_batches=4", "trainer.limit_train_batches=0.5"],
+         r"trainer.limit_train_batches=0.5 \(a fraction\) with trainer.accumulate_grad_batches=4 may cut epochs"),
         (["model.n_heads=3"], "divisible by model.n_heads"),
         (["position=yarn", "position.beta_fast=x"], "position.beta_fast=.x. must be a number"),
         (["position=pi"], r"position=pi at scale 1 reads positions exactly as plain RoPE does; pass scale=S"),

@@ -219,10 +219,14 @@ def validate_trainer(trainer: DictConfig) -> None:
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate!r} must be a positive integer.")
     limit = trainer.get("limit_train_batches")
+    # Lightning steps at every epoch's end: an epoch cut inside an accumulation would end in a short step.
     if isinstance(limit, int) and not isinstance(limit, bool) and limit % accumulate:
-        # Lightning steps at every epoch's end: each epoch would end in a step of fewer micro-batches.
         raise ConfigError(f"trainer.limit_train_batches={limit} is not a multiple of trainer.accumulate_grad_batches="
                           f"{accumulate}; every epoch would end in a short step, so use a multiple (or null).")
+    if isinstance(limit, float) and limit != 1.0 and accumulate > 1:
+        raise ConfigError(f"trainer.limit_train_batches={limit} (a fraction) with trainer.accumulate_grad_batches="
+                          f"{accumulate} may cut epochs inside an accumulation; give it as a number of batches, a "
+                          f"multiple of {accumulate}.")
 
 
 def _is_lightning_strategy(name: Any) -> bool:

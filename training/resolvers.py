@@ -28,9 +28,16 @@ def _run_dir_or(run_dir: Any, default: Any) -> Any:
     return run_dir
 
 
+def _hydra_record(resume: Any, stamp: Any) -> str:
+    """`${hydra_record:${resume},${now:...}}`, Hydra's output_subdir: .hydra, or .hydra/resumed-<stamp> for a
+    resume, which writes into the interrupted run's folder and would otherwise replace its config and overrides."""
+    return ".hydra" if resume is None else f".hydra/resumed-{stamp}"
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("run_dir_or"):
-        OmegaConf.register_new_resolver("run_dir_or", _run_dir_or)
+    for name, resolver in (("run_dir_or", _run_dir_or), ("hydra_record", _hydra_record)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 register()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data import TextDataModule
+from data.synthetic_passkey import RECIPE as PASSKEY_RECIPE
 from model import keep_stored_settings
-from model.checkpoints import CheckpointError, Pretrained, check_same_tokenizer, check_tokenizer, load_into, load_pretrained
+from model.checkpoints import (PROJECT_KEY, CheckpointError, Pretrained, check_same_tokenizer, check_tokenizer, load_into,
+                               load_pretrained, same_tokenizer)
 
 from .callbacks import Throughput, measured_matmul_peak
 from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, checkpoint_metadata, kind_and_scale, model_args_from_config, validate
@@ -89,6 +92,8 @@ def train(cfg: DictConfig) -> RunResult:
             f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only {args.vocab_size}; "
             "use the tokenizer the model was trained with (data.tokenizer=...)."
         )
+    if cfg.resume is not None:
+        _check_resume_tokenizer(Path(str(cfg.resume)), tokenizer.path)
     if pretrained is not None and cfg.data.get("tokenizer") is not None:
         try:  # a data.tokenizer of another vocabulary than the weights' is refused too, not only a larger one
             check_tokenizer(args, tokenizer)
@@ -181,6 +186,21 @@ def _run_dir(cfg: DictConfig) -> Path:
             path = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _check_resume_tokenizer(resume: Path, tokenizer: Path) -> None:
+    """Refuse to resume on another tokenizer than the interrupted run's (other data settings, or a token
+    cache rebuilt under another rule): its weights would go on training on ids that mean other pieces."""
+    payload = checkpoint_metadata(resume).get(PROJECT_KEY) or {}
+    embedded = payload.get("tokenizer_model") if isinstance(payload, dict) else None
+    if not embedded:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        own = Path(folder) / "tokenizer.model"
+        own.write_bytes(embedded)
+        if not same_tokenizer(own, tokenizer):
+            raise ConfigError(f"resume={resume} was trained with another tokenizer than this run's {tokenizer}; resume "
+                              "with the interrupted run's data settings (the same corpus and data.tokenizer).")
 
 
 def _saved_recipe(checkpoint: Path) -> dict[str, Any] | None:
@@ -320,6 +340,8 @@ def _base_key(cfg: DictConfig) -> str:
     that fine-tunes without init= start from."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
             if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir")}
+    if data.get("passkey_share"):  # a new prompt recipe is new training data (recipe 5: keys apart from the evaluation's)
+        data["passkey_recipe"] = PASSKEY_RECIPE
     recipe = {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k not in ("finetune", "fused")}
     blob = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "data": data, "optim": recipe,
                        "seed": cfg.seed}, sort_keys=True)
