@@ -18,6 +18,8 @@ import training.resolvers  # noqa: F401  (conf/config.yaml's ${run_dir_or:...}, 
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that signal ended
 # Jobs of a multirun sweep that failed: the sweep goes on past them and exits non-zero at the end.
 failed_jobs: list[str] = []
+# run_dir of each job of a sweep so far (Hydra's basic launcher runs them one after the other in this process).
+sweep_run_dirs: dict[str, str] = {}
 
 
 def _first_process() -> bool:
@@ -53,6 +55,21 @@ def _fail(error: Exception) -> None:
     sys.exit(2)
 
 
+def _check_own_run_dir(cfg: DictConfig) -> None:
+    """In a sweep, a run_dir that an earlier job used would have this job overwrite its checkpoints."""
+    job = _sweep_job()
+    if job is None or cfg.run_dir is None:
+        return
+    from training.config import ConfigError
+
+    run_dir = os.path.abspath(str(cfg.run_dir))
+    if run_dir in sweep_run_dirs:
+        raise ConfigError(f"run_dir={cfg.run_dir} is also {sweep_run_dirs[run_dir]}'s, whose checkpoints this job would "
+                          "overwrite; give each job its own (e.g. run_dir=runs/${position.kind}-${scale}) or leave "
+                          "run_dir null for the sweep's folders.")
+    sweep_run_dirs[run_dir] = job.split(" (")[0]
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     # Imported here, in two steps: a bad value is reported before Lightning loads (4 of the 5 s
@@ -61,6 +78,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         validate(cfg)
+        _check_own_run_dir(cfg)
     except ConfigError as error:
         return _fail(error)
 

@@ -429,6 +429,18 @@ def test_a_sweep_runs_on_past_a_refused_job_and_exits_non_zero_listing_it(tmp_pa
     assert list((tmp_path / "sweep" / "1").rglob("last.ckpt")), "the RoPE job after the refused one did not run"
 
 
+def test_a_sweep_refuses_a_job_whose_run_dir_an_earlier_job_used(tmp_path):
+    """`-m position=pi,ntk scale=2 run_dir=X`: the second job would overwrite the first's checkpoints."""
+    common = [sys.executable, "train.py", "-m", "experiment=smoke", "register_base=false", "stage=pretrain",
+              "optim.pretrain.max_steps=1", f"data.cache_dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/sweep"]
+    result = subprocess.run([*common, "seed=1,2", f"run_dir={tmp_path}/same"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: 1 job(s) of the sweep failed:\n  job 1 (" in result.stderr
+    assert f"seed=2 run_dir={tmp_path}/same): run_dir={tmp_path}/same is also job 0's, whose checkpoints" in result.stderr
+    assert list((tmp_path / "same").rglob("last.ckpt")), "the first job did not run"
+
+
 def test_train_py_reports_a_bad_override_in_one_sentence_and_exits_non_zero(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "scale=0.5", "run_dir=run"],
