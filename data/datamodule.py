@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "PI_LLAMA_CACHE"
 # Bump when train_tokenizer's settings change, so old cached tokenizers are not reused.
 TOKENIZER_RECIPE = 1
-# The train stream's shuffling (ResumableSampler), saved with the data position: 1 seeded pass p with seed + p.
+# The train stream's shuffling (ResumableSampler), saved with the data position. 2: pass p is seeded with
+# seed + p x PASS_SEED_STRIDE; 1: with seed + p.
 DATA_ORDER = 2
 _STAGE_SPLITS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from model import ModelArgs, PositionError, build_position
 
+from training.resolvers import creatable, nearest_existing
 from training.schedule import SCHEDULES
 
 STAGES = ("auto", "pretrain", "finetune")
@@ -237,8 +237,6 @@ def _is_lightning_strategy(name: Any) -> bool:
 
 def check_writable(path: Path) -> None:
     """The nearest existing ancestor of `path` must be a writable folder."""
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise ConfigError(f"output folder {path} cannot be written ({probe} is not a writable folder); choose another run_dir.")
+    if not creatable(path):
+        raise ConfigError(f"output folder {path} cannot be written ({nearest_existing(path)} is not a writable folder); "
+                          "choose another run_dir.")

@@ -9,11 +9,16 @@ from typing import Any
 from omegaconf import OmegaConf
 
 
-def _creatable(path: Path) -> bool:
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest ancestor that does."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def creatable(path: Path) -> bool:
     """Whether `path` exists as a folder or could be made: its nearest existing ancestor is a writable folder."""
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(path)
     return probe.is_dir() and os.access(probe, os.W_OK)
 
 
@@ -23,7 +28,7 @@ def _run_dir_or(run_dir: Any, default: Any) -> Any:
     Also `default` when run_dir cannot be made: Hydra creates its folder before train.py runs, and would
     fail with a traceback where train.py's own check names the problem in one sentence.
     """
-    if run_dir is None or not _creatable(Path(str(run_dir)).expanduser()):
+    if run_dir is None or not creatable(Path(str(run_dir)).expanduser()):
         return default
     return run_dir
 
