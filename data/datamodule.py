@@ -298,9 +298,9 @@ class TextDataModule(L.LightningDataModule):
         """Restore the data position (before Lightning asks for the train loader)."""
         if state_dict.get("seed", self.seed) != self.seed:
             log.warning("resuming with seed=%s but the checkpoint's data order used seed=%s", self.seed, state_dict["seed"])
-        if state_dict.get("order", 1) != DATA_ORDER:
-            log.warning("the checkpoint's data position was saved by an earlier version, whose passes after the first "
-                        "were shuffled differently: from the second pass on, this run reads another order")
+        if state_dict.get("order") != DATA_ORDER:  # not recorded before 2026-11-27, when the order also changed
+            log.warning("the checkpoint's data position does not say which data order it counts in (saved before "
+                        "2026-11-27?); from the second pass on, this run may read another order than the interrupted one")
         saved_tokens = state_dict.get("tokens")
         if saved_tokens is not None and saved_tokens != self.token_dir.name:
             log.warning("the checkpoint's data position counts windows of token cache %s, this run reads %s (another "

@@ -160,16 +160,18 @@ def test_a_run_is_resumed_only_with_the_position_it_was_trained_with(cache_dir, 
     validate(smoke(cache_dir, tmp_path / "b", *pi, f"resume={first.last_checkpoint}"))  # the same overrides: resumable
 
 
-def test_a_run_is_resumed_only_on_the_tokenizer_it_was_trained_with(cache_dir, tmp_path):
+def test_a_run_is_resumed_only_on_the_tokenizer_it_was_trained_with(cache_dir, tmp_path, monkeypatch):
     """Other data settings (or a token cache rebuilt under another rule) give another tokenizer: the weights
     would go on training on ids that mean other pieces. Refused before any weights are loaded."""
     first = train(smoke(cache_dir, tmp_path / "a", "stage=pretrain", "optim.pretrain.max_steps=2", "register_base=false"))
     resume = [f"resume={first.last_checkpoint}", "stage=pretrain", "optim.pretrain.max_steps=3", "register_base=false"]
     with pytest.raises(ConfigError, match=rf"resume={first.last_checkpoint} was trained with another tokenizer than this "
-                                          r"run's .*; resume with the interrupted run's data settings"):
+                                          r"run's .*; resume with the interrupted run's init= and data settings"):
         train(smoke(cache_dir, tmp_path / "b", *resume, "data.vocab_size=400"))
     assert not (tmp_path / "b" / "checkpoints").exists()
-    assert train(smoke(cache_dir, tmp_path / "a", *resume)).metrics  # the same data settings: resumed
+    monkeypatch.setenv("HOME", str(tmp_path))  # and a path under ~ is read as the shell would read it
+    home = ["resume='~/a/checkpoints/last.ckpt'", *resume[1:]]
+    assert train(smoke(cache_dir, tmp_path / "a", *home)).metrics  # the same data settings: resumed
 
 
 def test_a_resume_keeps_the_first_runs_hydra_record_and_hydra_writes_into_run_dir(tmp_path):

@@ -93,7 +93,7 @@ def train(cfg: DictConfig) -> RunResult:
             "use the tokenizer the model was trained with (data.tokenizer=...)."
         )
     if cfg.resume is not None:
-        _check_resume_tokenizer(Path(str(cfg.resume)), tokenizer.path)
+        _check_resume_tokenizer(Path(str(cfg.resume)).expanduser(), tokenizer.path)
     if pretrained is not None and cfg.data.get("tokenizer") is not None:
         try:  # a data.tokenizer of another vocabulary than the weights' is refused too, not only a larger one
             check_tokenizer(args, tokenizer)
@@ -162,7 +162,7 @@ def train(cfg: DictConfig) -> RunResult:
                  f" and TensorBoard at {run_dir / 'logs' / 'tensorboard'}" if len(trainer.loggers) > 1 else "")
         log.info("done in %.0f s: %s", elapsed, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         if stage == "pretrain" and cfg.init is None and cfg.register_base and _is_default_base(cfg):
-            if cfg.resume is None or _saved_recipe(Path(str(cfg.resume))) == task.optim_config:
+            if cfg.resume is None or _saved_recipe(Path(str(cfg.resume)).expanduser()) == task.optim_config:
                 _register_base(cfg, result.last_checkpoint)
             else:  # e.g. a fine-tune resumed without its overrides, or a run lengthened on resume
                 log.warning("not registered as the bundled base: resumed from %s, whose recipe is not this run's",
@@ -200,7 +200,7 @@ def _check_resume_tokenizer(resume: Path, tokenizer: Path) -> None:
         own.write_bytes(embedded)
         if not same_tokenizer(own, tokenizer):
             raise ConfigError(f"resume={resume} was trained with another tokenizer than this run's {tokenizer}; resume "
-                              "with the interrupted run's data settings (the same corpus and data.tokenizer).")
+                              "with the interrupted run's init= and data settings (the same corpus and data.tokenizer).")
 
 
 def _saved_recipe(checkpoint: Path) -> dict[str, Any] | None:
