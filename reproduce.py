@@ -37,12 +37,13 @@ def main(cfg: DictConfig) -> None:
     from data import DataError
     from evaluation.errors import EvaluationError
     from model.checkpoints import CheckpointError
+    from model.position import PositionError
     from training.config import ConfigError
     from training.faults import NonFiniteLossError
 
     try:
         reproduce(cfg)
-    except (ConfigError, DataError, CheckpointError, EvaluationError, NonFiniteLossError) as error:
+    except (ConfigError, DataError, CheckpointError, EvaluationError, PositionError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -62,6 +62,13 @@ class PasskeyPrompt:
         return len(self.tokens) - self.key_index
 
 
+def piece_separator(tokenizer: TokenizerLike) -> str:
+    """What must start a separately encoded piece of text so that it does not run into the piece before it:
+    "" where encoding already starts a new word (sentencepiece's dummy prefix), else " " (byte-level BPE)."""
+    joined = tokenizer.decode([*tokenizer.encode("a", bos=False), *tokenizer.encode("b", bos=False)])
+    return "" if joined == "a b" else " "
+
+
 class PasskeyPrompter:
     """Builds passkey prompts of an exact length with the key at an exact distance from the end.
 
@@ -73,13 +80,17 @@ class PasskeyPrompter:
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         self.tokenizer = tokenizer
+        # The pieces after the instruction start with this: nothing for sentencepiece, whose dummy prefix starts
+        # every encoded piece with a word boundary, a space for LLaMA 3's BPE, which would otherwise glue the
+        # pieces into "...there.The grass..." (a prompt the model has never seen text like).
+        self.space = piece_separator(tokenizer)
         self.head = [tokenizer.bos_id, *tokenizer.encode(INSTRUCTION, bos=False)]
-        self.filler = tokenizer.encode(FILLER, bos=False)
-        self.question = tokenizer.encode(QUESTION, bos=False)
+        self.filler = tokenizer.encode(self.space + FILLER, bos=False)
+        self.question = tokenizer.encode(self.space + QUESTION, bos=False)
 
     def _key_line(self, key: str) -> tuple[list[int], int]:
         """Tokens of the key line and the index of the token that holds the key's first digit."""
-        line = KEY_LINE.format(key=key)
+        line = self.space + KEY_LINE.format(key=key)
         tokens = self.tokenizer.encode(line, bos=False)
         offset = line.index(key)
         # Decoded prefixes align with the text (the dummy-prefix space is dropped by decode):
@@ -95,9 +106,9 @@ class PasskeyPrompter:
         Taken in context, so the separating space is whatever the tokenizer makes of it: a "▁"
         piece for LLaMA's sentencepiece, a " " token or a space glued to the digits for others.
         """
-        full = self.tokenizer.encode(f"{QUESTION} {key}{end}", bos=False)
+        full = self.tokenizer.encode(f"{self.space}{QUESTION} {key}{end}", bos=False)
         if full[: len(self.question)] != self.question:  # the key merged into the question's last token
-            return self.tokenizer.encode(f"{key}{end}", bos=False)
+            return self.tokenizer.encode(f"{self.space}{key}{end}", bos=False)
         return full[len(self.question) :]
 
     def answer_length(self, key: str) -> int:

@@ -4,7 +4,8 @@ Windows of `window` tokens start every `stride` tokens. The first window scores 
 tokens (each from the tokens before it); every later window scores only the tokens no earlier
 window scored, i.e. its last `stride` tokens, so each of them is read with at least
 window - stride tokens of left context. The output head is applied to the scored positions
-only, so memory is that of one batch of windows whatever the document or window length.
+only, at most LOGIT_CHUNK_TOKENS of them at a time, so the float32 logits stay small however long
+the window: a first window of 32k tokens with LLaMA 3's 128k vocabulary would otherwise need 16 GiB.
 
 The paper's stride is 256 at windows of 2048 and more, so every scored token sees at least 7/8 of
 its window. Read at a short window (a small model's L), the same 256 tokens would leave tokens
@@ -26,6 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evaluation.errors import EvaluationError
+
+
+# Scored positions (over the whole batch) whose logits exist at once.
+LOGIT_CHUNK_TOKENS = 8192
 
 
 class Scorer(Protocol):
@@ -98,8 +103,9 @@ class PerplexityResult:
 
     @property
     def ppl(self) -> float:
-        """exp(loss); inf rather than an OverflowError for a model that has fully broken down."""
-        if not self.tokens:
+        """exp(loss); inf rather than an OverflowError for a model that has fully broken down, NaN for a NaN loss
+        (a numeric failure, not a measurement: it must not read as "perplexity exploded")."""
+        if not self.tokens or math.isnan(self.loss):
             return math.nan
         return math.exp(self.loss) if self.loss < 700 else math.inf
 
@@ -167,11 +173,15 @@ def sliding_window_perplexity(
             batch = members[first : first + batch_size]
             tokens = torch.stack([docs[i][s.start : s.end] for i, s in batch]).to(device)  # (b, length)
             hidden = model.hidden_states(tokens)
-            # Position t predicts token t + 1: targets offset..length-1 are read from offset-1..length-2.
-            logits = model.output(hidden[:, offset - 1 : length - 1]).float()  # (b, n_scored, vocab)
-            targets = tokens[:, offset:]
-            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-            per_window = losses.view(len(batch), -1).sum(-1).double().cpu().numpy()
+            per_window = np.zeros(len(batch), dtype=np.float64)
+            chunk = max(1, LOGIT_CHUNK_TOKENS // len(batch))
+            for first_scored in range(offset, length, chunk):
+                last_scored = min(first_scored + chunk, length)
+                # Position t predicts token t + 1: targets first..last-1 are read from positions first-1..last-2.
+                logits = model.output(hidden[:, first_scored - 1 : last_scored - 1]).float()  # (b, n, vocab)
+                targets = tokens[:, first_scored:last_scored]
+                losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+                per_window += losses.view(len(batch), -1).sum(-1).double().cpu().numpy()
             for (i, span), value in zip(batch, per_window):
                 nll[i] += value
                 counts[i] += span.n_scored

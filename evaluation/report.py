@@ -55,21 +55,34 @@ def save_figure(fig: Any, path: Path) -> None:
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    """A results.json with its perplexities keyed by int window, as `evaluate` builds them, and a
-    perplexity stored as null (not finite: inf or NaN in memory) read as inf. Every other number is as
-    the file has it, non-finite ones as None."""
+    """A results.json with its perplexities keyed by int window, as `evaluate` builds them.
+
+    Strict JSON stores a non-finite perplexity as null; it is read back as inf when its loss was a
+    number (the model broke down: loss >= 700 nats) and as NaN when the loss was not (a numeric
+    failure). A table entry without its record, or a record without a loss, reads as inf. Every other number is as the file has
+    it, non-finite ones as None."""
     results = json.loads(path.read_text())
-    if "ppl_table" in results:
-        results["ppl_table"] = {name: {int(w): math.inf if ppl is None else ppl for w, ppl in by_window.items()}
-                                for name, by_window in results["ppl_table"].items()}
+    records = results.get("ppl", {})
     if "ppl" in results:
-        results["ppl"] = {name: {int(w): {**r, "ppl": math.inf if r.get("ppl") is None else r["ppl"]} for w, r in by_window.items()}
-                          for name, by_window in results["ppl"].items()}
+        results["ppl"] = {name: {int(w): {**r, "ppl": _stored_ppl(r.get("ppl"), r)} for w, r in by_window.items()}
+                          for name, by_window in records.items()}
+    if "ppl_table" in results:
+        results["ppl_table"] = {name: {int(w): _stored_ppl(ppl, records.get(name, {}).get(str(w))) for w, ppl in by_window.items()}
+                                for name, by_window in results["ppl_table"].items()}
     return results
+
+
+def _stored_ppl(ppl: float | None, record: Mapping[str, Any] | None) -> float:
+    if ppl is not None:
+        return ppl
+    # A record written without its loss (older files) keeps the old reading: inf.
+    return math.nan if record is not None and "loss" in record and record["loss"] is None else math.inf
 
 
 def format_ppl(value: float | None) -> str:
     """Two decimals as in the paper; very large values in scientific notation."""
+    if value is not None and math.isnan(value):
+        return "nan"
     if value is None or not math.isfinite(value):
         return "inf"
     return f"{value:.2f}" if value < 1000 else f"{value:.3g}"

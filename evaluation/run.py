@@ -314,22 +314,30 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         _check_ppl_settings(cfg)
     if "passkey" in tasks:
         _check_passkey_settings(cfg)
+    if "attention" in tasks and (isinstance(cfg.attention.pairs, bool) or not isinstance(cfg.attention.pairs, int)
+                                 or cfg.attention.pairs < 1):
+        raise EvaluationError(f"attention.pairs={cfg.attention.pairs!r} must be a positive integer (query/key pairs per checkpoint).")
     device, dtype = resolve_device(cfg.device), _dtype(cfg.dtype)
     sources = DataSources(OmegaConf.to_container(cfg.data, resolve=True), seq_len=max([*cfg.ppl.windows, 2]), seed=cfg.seed)
     loaded: dict[str, Pretrained] = {}
     positions: dict[str, dict[str, Any]] = {}
-    for variant in variants:  # every checkpoint, tokenizer and window is checked before the first long computation
-        if variant.ckpt not in loaded:
-            loaded[variant.ckpt] = load_pretrained(variant.ckpt)
-            _check_tokenizer_for(variant.ckpt, loaded[variant.ckpt], cfg.data.get("tokenizer"))
-        positions[variant.name] = _position_for(loaded[variant.ckpt], variant.position)
-        _warn_if_scale_is_extrapolation(variant, loaded[variant.ckpt])
-        _preflight(variant, loaded[variant.ckpt], positions[variant.name], cfg, tasks, sources)
+    for ckpt in dict.fromkeys(v.ckpt for v in variants):  # each checkpoint, tokenizer and window is checked before
+        pretrained = load_pretrained(ckpt)                   # the first long computation
+        _check_tokenizer_for(ckpt, pretrained, cfg.data.get("tokenizer"))
+        for variant in (v for v in variants if v.ckpt == ckpt):
+            positions[variant.name] = _position_for(pretrained, variant.position)
+            _warn_if_scale_is_extrapolation(variant, pretrained)
+            _preflight(variant, pretrained, positions[variant.name], cfg, tasks, sources)
+        if not loaded:  # the first is evaluated first; the others are read again in their turn, so that several
+            loaded[ckpt] = pretrained  # checkpoints (of 7B: 13 GB each, in host memory) are never held at once
+        del pretrained
     torch.manual_seed(cfg.seed)
     collected = Collected(cfg, tasks, device, output_dir(cfg))
     if "attention" in tasks:
         _paper_fit(cfg, collected)
-    for variant in variants:
+    for i, variant in enumerate(variants):
+        if variant.ckpt not in loaded:
+            loaded[variant.ckpt] = load_pretrained(variant.ckpt)
         pretrained = loaded[variant.ckpt]
         position = positions[variant.name]
         model = _build(pretrained, position, device, dtype)
@@ -358,13 +366,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             else:
                 _generate(cfg, variant, model, tokenizer, collected)
             timings[task] = time.perf_counter() - start
-        del model
+        del model, pretrained
+        if i + 1 < len(variants) and variants[i + 1].ckpt != variant.ckpt:
+            del loaded[variant.ckpt]  # read again if a later row uses it: one checkpoint in memory at a time
     return collected.write()
 
 
 def _ppl(cfg: DictConfig, variant: Variant, model: Llama, documents: list[np.ndarray], device: torch.device, collected: Collected) -> None:
     p = cfg.ppl
     docs = prepare_documents(documents, p.max_documents, p.max_tokens_per_document, p.min_tokens_per_document)
+    if not docs and p.min_tokens_per_document is None:
+        raise EvaluationError(f"the {cfg.split} split has no documents; evaluate on a corpus that has some (data=..., split=...).")
     if not docs:
         raise EvaluationError(f"no {cfg.split} document has ppl.min_tokens_per_document={p.min_tokens_per_document} tokens; lower it.")
     by_window = {}
@@ -458,6 +470,9 @@ def _check_ppl_settings(cfg: DictConfig) -> None:
     stride, fraction = cfg.ppl.stride, cfg.ppl.max_stride_fraction
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise EvaluationError(f"ppl.stride={stride!r} must be a positive integer (the paper's is 256).")
+    batch = cfg.ppl.batch_size
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise EvaluationError(f"ppl.batch_size={batch!r} must be a positive integer (windows per forward).")
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
         raise EvaluationError(f"ppl.max_stride_fraction={fraction!r} must be in (0, 1] or null (the paper's least context: 0.125).")
     if fraction is None and stride > min(windows):

@@ -6,6 +6,7 @@ a claim "held", held only "partly" (named how), "did not hold", or was "not test
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,20 @@ class Numbers:
     base_k_max_at_window: int                     # the base's own k_max at window L
     base_largest_k_at_window: int
 
+    def __post_init__(self) -> None:
+        if not self.fine_tuned:  # claims 3 and 4 compare PI with them: with none, both would hold vacuously
+            raise ValueError("the claims need at least one direct fine-tune to compare PI with")
+
+
+def multiple(window: int, base: int) -> str:
+    """A window as a multiple of L: "L", "8L", "2.5L"."""
+    return "L" if window == base else f"{window / base:g}L"
+
+
+def _nan(*values: float) -> bool:
+    """A NaN perplexity is a numeric failure of the run, not a measurement: the claims it enters are not testable."""
+    return any(math.isnan(v) for v in values)
+
 
 def judge_all(n: Numbers) -> list[Claim]:
     return [explodes(n), keeps_falling(n), extrapolation_worse(n), passkey(n), little_cost(n)]
@@ -53,14 +68,18 @@ def judge_all(n: Numbers) -> list[Claim]:
 def explodes(n: Numbers) -> Claim:
     base = n.ppl[n.base]
     longer = {w: p for w, p in base.items() if w > n.window}
-    worst = max(longer, key=longer.get)
+    worst = max(longer, key=lambda w: -1.0 if math.isnan(longer[w]) else longer[w])
     ratio = longer[worst] / base[n.window]
-    verdict = HELD if ratio >= EXPLOSION_RATIO else PARTLY if ratio >= DEGRADATION_RATIO else NOT_HELD
+    if _nan(base[n.window], *longer.values()) or not math.isfinite(base[n.window]):
+        verdict = UNTESTABLE  # no number, or the base broken inside its own window: nothing to explode from
+    else:
+        verdict = HELD if ratio >= EXPLOSION_RATIO else PARTLY if ratio >= DEGRADATION_RATIO else NOT_HELD
     return Claim(
         1, "Without fine-tuning, perplexity explodes beyond the trained window L (plain RoPE).",
         "7.20 at L, > 1000 at 2L to 16L (LLaMA 7B, PG-19)",
-        f"{base[n.window]:.2f} at L, {longer[worst]:.2f} at {worst // n.window}L ({ratio:.2f}x)",
-        f"held: >= {EXPLOSION_RATIO:g}x at some window beyond L; partly (degrades, no explosion): >= {DEGRADATION_RATIO:g}x",
+        f"{base[n.window]:.2f} at L, {longer[worst]:.2f} at {multiple(worst, n.window)} ({ratio:.2f}x)",
+        f"held: >= {EXPLOSION_RATIO:g}x at some window beyond L; partly (degrades, no explosion): >= {DEGRADATION_RATIO:g}x; "
+        "not testable: a NaN, or the base not finite at L",
         verdict,
     )
 
@@ -70,11 +89,16 @@ def keeps_falling(n: Numbers) -> Claim:
     windows = sorted(pi)
     steps_ok = all(pi[b] <= pi[a] * (1 + MONOTONE_TOLERANCE) for a, b in zip(windows, windows[1:]))
     fell = pi[windows[-1]] < pi[windows[0]]
-    verdict = HELD if steps_ok and fell else PARTLY if pi[windows[-1]] <= pi[windows[0]] * (1 + MONOTONE_TOLERANCE) else NOT_HELD
+    if _nan(*pi.values()):
+        verdict = UNTESTABLE
+    elif not all(math.isfinite(pi[w]) for w in windows):  # inf <= inf would pass the comparisons
+        verdict = NOT_HELD
+    else:
+        verdict = HELD if steps_ok and fell else PARTLY if pi[windows[-1]] <= pi[windows[0]] * (1 + MONOTONE_TOLERANCE) else NOT_HELD
     return Claim(
         2, "With PI fine-tuning, perplexity keeps falling as the eval window grows up to L'.",
         "PI to 16384 (8x): 7.11, 6.93, 6.82, 6.83 at L, 2L, 4L, 8L",
-        ", ".join(f"{pi[w]:.2f}" for w in windows) + " at " + ", ".join(f"{w // n.window}L" for w in windows),
+        ", ".join(f"{pi[w]:.2f}" for w in windows) + " at " + ", ".join(multiple(w, n.window) for w in windows),
         f"held: each longer window at most {MONOTONE_TOLERANCE:.0%} worse than the one before and L' below L; "
         f"partly: L' no worse than L (within {MONOTONE_TOLERANCE:.0%})",
         verdict,
@@ -85,7 +109,10 @@ def extrapolation_worse(n: Numbers) -> Claim:
     at = n.long_window
     pi = n.ppl[n.pi][at]
     worse = [name for name in n.fine_tuned if n.ppl[name][at] > pi]
-    verdict = HELD if len(worse) == len(n.fine_tuned) else PARTLY if worse else NOT_HELD
+    if _nan(pi, *(n.ppl[name][at] for name in n.fine_tuned)):
+        verdict = UNTESTABLE
+    else:  # an infinite direct fine-tune is worse than a finite PI; an infinite PI is worse than every one
+        verdict = HELD if len(worse) == len(n.fine_tuned) else PARTLY if worse else NOT_HELD
     return Claim(
         3, "Direct fine-tuning (extrapolation) is worse than PI at long windows, even with 10x the steps.",
         "at 8192 (4x): FT 10000 steps 7.69 vs PI 1000 steps 6.95",
@@ -118,7 +145,10 @@ def passkey(n: Numbers) -> Claim:
 def little_cost(n: Numbers) -> Claim:
     base, pi = n.ppl[n.base][n.window], n.ppl[n.pi][n.window]
     ratio = pi / base
-    verdict = HELD if ratio <= COST_HELD else PARTLY if ratio <= COST_PARTLY else NOT_HELD
+    if _nan(base, pi) or not math.isfinite(base):
+        verdict = UNTESTABLE  # inf / inf, or PI's cost measured against a base broken inside its own window
+    else:
+        verdict = HELD if ratio <= COST_HELD else PARTLY if ratio <= COST_PARTLY else NOT_HELD
     return Claim(
         5, "PI costs little inside the original window.",
         "at L = 2048: base 7.20, PI-8192 7.13, PI-16384 7.11; PIQA 78.9 -> 78.2",

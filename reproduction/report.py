@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluation import report as tables  # noqa: E402
-from reproduction.claims import Claim  # noqa: E402
+from reproduction.claims import Claim, multiple  # noqa: E402
 
 # The paper's numbers (LLaMA 7B, L = 2048, PG-19, stride 256), by window as a multiple of L.
 PAPER_PPL = {
@@ -34,30 +34,27 @@ PAPER_FIGURE_2 = ("d = 128, L = 2048: the least-squares fit stays within about [
 ATTENTION_ROWS = (
     ("inside_max", "max |a(s)|, integers in [0, L]"),
     ("interpolation_max", "max |a(s)|, fractional s in [0, L]"),
-    ("extrapolation_max", "max |a(s)|, integers in (L, 2L]"),
+    ("extrapolation_max", "max |a(s)|, integers in (L, {extent}L]"),
     ("bound_ratio_min", "extrapolation / interpolation bound, min over s"),
     ("bound_ratio_at_b_equal_d", "bound ratio where B(s) = d"),
 )
 
 
-def _multiple(window: int, base: int) -> str:
-    return "L" if window == base else f"{window // base}L"
-
-
 def ppl_section(windows: Sequence[int], base: int, ppl: Mapping[str, Mapping[int, float]]) -> str:
-    header = ["model", *(f"{_multiple(w, base)} = {w}" for w in windows)]
+    header = ["model", *(f"{multiple(w, base)} = {w}" for w in windows)]
     ours = [[name, *(tables.format_ppl(by_window.get(w)) for w in windows)] for name, by_window in ppl.items()]
-    paper = [[name, *(values.get(w // base, "-") for w in windows)] for name, values in PAPER_PPL.items()]
+    # The paper has whole multiples of its L only; a window of 2.5L has no paper number beside it.
+    paper = [[name, *(values.get(w // base, "-") if w % base == 0 else "-" for w in windows)] for name, values in PAPER_PPL.items()]
     return (tables.markdown_table(header, ours)
             + "\n\nThe paper (LLaMA 7B, L = 2048, PG-19; columns are the same multiples of L):\n\n"
-            + tables.markdown_table(["model", *(_multiple(w, base) for w in windows)], paper))
+            + tables.markdown_table(["model", *(multiple(w, base) for w in windows)], paper))
 
 
 def by_step_section(runs: Mapping[str, Sequence[Mapping[str, Any]]], windows: Sequence[int], base: int) -> str:
     """Perplexity at each window and passkey k_max by fine-tuning step, one table per run."""
     parts = []
     for title, rows in runs.items():
-        header = ["step", *(f"ppl {_multiple(w, base)}" for w in windows), "passkey k_max"]
+        header = ["step", *(f"ppl {multiple(w, base)}" for w in windows), "passkey k_max"]
         body = [[row["step"], *(tables.format_ppl(row.get(f"ppl_{w}")) for w in windows), row.get("passkey_k_max", "-")]
                 for row in rows]
         parts.append(f"**{title}**\n\n" + tables.markdown_table(header, body))
@@ -300,14 +297,18 @@ def attention_section(attention: Mapping[str, Any], base_name: str) -> str:
         columns.append((label, facts))
     real = attention.get("query_key", {}).get(base_name)
     if real and "skipped" not in real:
-        medians = {k.removesuffix("_median"): v for k, v in real.items() if k.endswith("_median")}
+        # Per-pair medians under the fit's names, and what the pairs share (B(s)/d and the bound ratio at B(s) = d
+        # depend on the frequencies only).
+        shared = {k: real[k] for k in ("b_over_d_min", "bound_ratio_at_b_equal_d") if k in real}
+        medians = {k.removesuffix("_median"): v for k, v in real.items() if k.endswith("_median")} | shared
         columns.append((f"{base_name}: real q/k (median of {real['pairs']} pairs)", medians))
     def cell(facts: Mapping[str, Any], key: str) -> str:
         if key not in facts:
             return ""
         return f"{facts[key]:.4g}" if _finite(facts[key]) else "not finite"  # results.json stores those as null
 
-    rows = [[label, *(cell(facts, key) for _, facts in columns)] for key, label in ATTENTION_ROWS]
+    extent = f"{fit.get('extent', 2.0):g}"
+    rows = [[label.format(extent=extent), *(cell(facts, key) for _, facts in columns)] for key, label in ATTENTION_ROWS]
     return tables.markdown_table(["quantity", *(c for c, _ in columns)], rows)
 
 

@@ -137,6 +137,23 @@ def test_output_head_runs_on_scored_positions_only():
     assert sum(b * n for b, n in rows) == 199
 
 
+def test_long_first_windows_make_their_logits_a_chunk_at_a_time(monkeypatch):
+    """A first window scores all its tokens: at 32k tokens and a 128k vocabulary its float32 logits alone would
+    be 16 GiB. The head sees at most LOGIT_CHUNK_TOKENS scored positions of the batch at a time, and the
+    numbers are the brute force's."""
+    import evaluation.perplexity as perplexity
+
+    monkeypatch.setattr(perplexity, "LOGIT_CHUNK_TOKENS", 10)
+    model = tiny_model({"kind": "pi", "scale": 2.0})
+    rows = []
+    model.output.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[:2]))
+    docs = _documents([70, 33])
+    result = sliding_window_perplexity(model, docs, window=24, stride=6, batch_size=2)
+    assert max(b * n for b, n in rows) <= 10 and (2, 5) in rows  # the two first windows of 23 scored tokens: 5 at a time
+    brute = [_brute_force_nll(model, d, 24, 6) for d in docs]
+    assert result.tokens == 69 + 32 and result.nll == pytest.approx(sum(n for n, _ in brute), rel=1e-5)
+
+
 def test_perplexity_matches_hf_transformers():
     pytest.importorskip("transformers")
     from hf_oracle import hf_twin
@@ -209,6 +226,35 @@ def test_passkey_prompt_puts_the_key_at_the_requested_distance(tokenizer, length
         assert tokenizer.decode(prompt.tokens).startswith(INSTRUCTION)
         assert re.search(r"pass key\.\S", tail) is None  # the filler never glues onto the key line
         assert prompt.tokens[0] == tokenizer.bos_id and prompt.tokens.count(tokenizer.bos_id) == 1
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer without sentencepiece's dummy prefix, as LLaMA 3's BPE: "a" + "b" encodes to "ab"."""
+
+    bos_id, eos_id, vocab_size = 256, 257, 258
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + list(text.encode()) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode()
+
+
+def test_passkey_prompt_keeps_words_apart_under_a_tokenizer_without_a_dummy_prefix(tokenizer):
+    """Pieces encoded apart and joined would read "...there.The grass is green..." and "...is yellow.What is..."
+    under LLaMA 3's tokenizer; sentencepiece's prompts are unchanged (no separator)."""
+    assert PasskeyPrompter(tokenizer).space == ""
+    byte_tokenizer = ByteTokenizer()
+    prompter = PasskeyPrompter(byte_tokenizer)
+    smallest, largest = prompter.distance_range(700)
+    for distance in (smallest, smallest + 7, (smallest + largest) // 2, largest - 3, largest):
+        prompt = prompter.build("40213", distance, 700)
+        text = byte_tokenizer.decode(prompt.tokens)
+        assert text.startswith(INSTRUCTION + " ")  # a cut filler repeat may follow, as under sentencepiece
+        assert re.search(r"[\w.][A-Z]", text) is None, text  # no sentence runs into the next
+        assert "The pass key is 40213. Remember it. 40213 is the pass key." in text and text.endswith(" " + QUESTION)
+        assert prompt.distance == distance and byte_tokenizer.decode(prompt.tokens[-distance:]).startswith("40213.")
+    assert byte_tokenizer.decode(prompter.answer("40213")) == " 40213"
 
 
 def test_passkey_prompt_refuses_an_unreachable_distance(tokenizer):

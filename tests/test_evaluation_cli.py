@@ -133,20 +133,77 @@ def test_evaluate_end_to_end_writes_json_markdown_and_plots(project, tmp_path):
 
 
 def test_a_model_that_broke_down_still_gets_its_numbers_written(project, tmp_path):
-    """Every perplexity inf/NaN (a diverged fine-tune): no log-scale plot can be drawn, the results are still written."""
-    broken = tiny_model({"kind": "rope"}, vocab_size=VOCAB)
+    """Every perplexity inf or NaN (a diverged fine-tune): no log-scale plot can be drawn, the results are still
+    written. A NaN loss (a numeric failure) stays NaN, in the tables and read back: only an overflowing one is
+    an infinite perplexity, which the reproduction's claims read as "exploded"."""
+    from evaluation.report import read_results
+
+    nan_model, huge = tiny_model({"kind": "rope"}, vocab_size=VOCAB), tiny_model({"kind": "rope"}, vocab_size=VOCAB)
     with torch.no_grad():
-        broken.norm.weight.fill_(float("nan"))
-    ckpt = save_checkpoint(tmp_path / "nan.ckpt", broken, {"kind": "rope"}, project["tokenizer"])
+        nan_model.norm.weight.fill_(float("nan"))
+        huge.output.weight.mul_(1e6)  # finite losses of thousands of nats: exp overflows
+    ckpts = [save_checkpoint(tmp_path / "nan.ckpt", nan_model, {"kind": "rope"}, project["tokenizer"]),
+             save_checkpoint(tmp_path / "huge.ckpt", huge, {"kind": "rope"}, project["tokenizer"])]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"ckpt={ckpt}", "task=ppl", "ppl.windows=[16,32]", f"out_dir={tmp_path / 'out'}",
-                                             *_data_overrides(project)])
+        cfg = compose("evaluate", overrides=[f"ckpt=[{ckpts[0]},{ckpts[1]}]", "task=ppl", "ppl.windows=[16,32]",
+                                             f"out_dir={tmp_path / 'out'}", *_data_overrides(project)])
     results = evaluate(cfg)
-    assert not any(math.isfinite(v) for v in results["ppl_table"]["nan"].values())
+    assert all(math.isnan(v) for v in results["ppl_table"]["nan"].values())
+    assert all(v == math.inf for v in results["ppl_table"]["huge"].values())
     written = json.loads((tmp_path / "out" / "results.json").read_text())
     assert written["ppl_table"]["nan"] == {"16": None, "32": None} and "ppl.png" not in written["figures"]
-    assert "| nan | inf | inf |" in (tmp_path / "out" / "results.md").read_text()
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| nan | nan | nan |" in markdown and "| huge | inf | inf |" in markdown
     assert not (tmp_path / "out" / "ppl.png").exists()
+    read = read_results(tmp_path / "out" / "results.json")
+    assert all(math.isnan(v) for v in read["ppl_table"]["nan"].values()) and math.isnan(read["ppl"]["nan"][16]["ppl"])
+    assert read["ppl_table"]["huge"] == {16: math.inf, 32: math.inf} and read["ppl"]["huge"][32]["ppl"] == math.inf
+
+
+def test_checkpoints_are_not_all_held_in_memory_while_the_others_are_evaluated(project, tmp_path, monkeypatch):
+    """Three 7B checkpoints would need three times 13 GB of host memory: each is read for the checks, then again
+    in its turn (the first is kept from the checks) and dropped when the next row reads another."""
+    import gc
+    import weakref
+
+    import evaluation.run as run
+
+    alive: list[weakref.ref] = []
+    held_at_build: list[int] = []
+    load, build = run.load_pretrained, run._build
+
+    def counting_load(*args, **kwargs):
+        pretrained = load(*args, **kwargs)
+        alive.append(weakref.ref(pretrained))
+        return pretrained
+
+    def counting_build(pretrained, *args):
+        gc.collect()
+        held_at_build.append(sum(ref() is not None for ref in alive))
+        return build(pretrained, *args)
+
+    monkeypatch.setattr(run, "load_pretrained", counting_load)
+    monkeypatch.setattr(run, "_build", counting_build)
+    variants = f"variants=[{{name: base-pi, ckpt: '{project['base']}', position: {{kind: pi, scale: 4}}}}]"
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt=[{project['base']},{project['pi']},{project['absolute']}]", variants,
+                                             "task=ppl", "ppl.windows=[16]", "ppl.max_documents=1", f"out_dir={tmp_path}",
+                                             *_data_overrides(project)])
+    results = evaluate(cfg)
+    assert [m["name"] for m in results["models"]] == ["base", "pi4", "abs", "base-pi"]
+    assert held_at_build == [1, 1, 1, 1], held_at_build  # one checkpoint in memory whenever a model is built
+    assert len(alive) == 6  # three for the checks, then pi4, abs and base again for its last row
+
+
+def test_an_empty_split_is_named_as_such(project):
+    from evaluation.run import _ppl
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["task=ppl"])
+    with pytest.raises(EvaluationError, match="the test split has no documents; evaluate on a corpus that has some"):
+        _ppl(cfg, None, None, [], torch.device("cpu"), None)
+    with pytest.raises(EvaluationError, match="no test document has ppl.min_tokens_per_document=5000 tokens; lower it"):
+        _ppl(OmegaConf.merge(cfg, {"ppl": {"min_tokens_per_document": 5000}}), None, None, [np.arange(10)], torch.device("cpu"), None)
 
 
 def test_a_data_tokenizer_other_than_the_checkpoints_own_is_refused_even_with_the_same_vocabulary(project, tmp_path):
@@ -227,6 +284,8 @@ def test_user_errors_are_one_sentence_and_a_non_zero_exit(project, tmp_path):
         (["ckpt={base}", "ppl.windows=[64]", "ppl.max_stride_fraction=null"], "ppl.stride=256 is longer than the window 64"),
         (["ckpt={base}", "ppl.max_stride_fraction=2"], r"ppl.max_stride_fraction=2 must be in \(0, 1\]"),
         (["ckpt={base}", "ppl.stride=0"], "ppl.stride=0 must be a positive integer"),
+        (["ckpt={base}", "ppl.batch_size=0"], r"ppl.batch_size=0 must be a positive integer \(windows per forward\)"),
+        (["ckpt={base}", "task=attention", "attention.pairs=0"], "attention.pairs=0 must be a positive integer"),
         (["task=ppl"], "needs a model: pass ckpt=PATH"),
         (["ckpt={base}", "variants=[{base}]"], "is not a mapping; write one as"),
         (["ckpt={base}", "variants=[{{name: x, position: pi}}]"], "has position='pi'; give a mapping"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +68,53 @@ def test_each_claim_can_fail_or_hold_in_part() -> None:
     ruinous = {**paper.ppl, PI: {**paper.ppl[PI], 256: 90.0}}
     assert verdicts(numbers(ppl=costly))[4] == PARTLY
     assert verdicts(numbers(ppl=ruinous))[4] == NOT_HELD
+
+
+def test_a_nan_perplexity_makes_its_claims_untestable_and_an_infinite_one_is_judged_as_what_it_means() -> None:
+    """NaN is a numeric failure, not a measurement; inf is a model that broke down. inf <= inf * 1.01 must not
+    make an all-infinite PI "partly" keep falling, nor an infinite base make PI's cost look small."""
+    nan, inf = math.nan, math.inf
+    paper = numbers().ppl
+    assert verdicts(numbers(ppl={**paper, BASE: {**paper[BASE], 2048: nan}}))[0] == UNTESTABLE
+    assert verdicts(numbers(ppl={**paper, BASE: {**paper[BASE], 2048: inf}}))[0] == HELD  # exploded indeed
+    broken_base = verdicts(numbers(ppl={**paper, BASE: {**paper[BASE], 256: inf}}))
+    assert broken_base[0] == UNTESTABLE and broken_base[4] == UNTESTABLE
+    assert verdicts(numbers(ppl={**paper, PI: {w: inf for w in paper[PI]}}))[1:3] == [NOT_HELD, NOT_HELD]
+    assert verdicts(numbers(ppl={**paper, PI: {**paper[PI], 512: nan}}))[1] == UNTESTABLE
+    assert verdicts(numbers(ppl={**paper, FT: {**paper[FT], 2048: nan}}))[2] == UNTESTABLE
+    assert verdicts(numbers(ppl={**paper, FT: {**paper[FT], 2048: inf}}))[2] == HELD
+    assert verdicts(numbers(ppl={**paper, PI: {**paper[PI], 256: nan}}))[4] == UNTESTABLE
+    with pytest.raises(ValueError, match="at least one direct fine-tune"):
+        numbers(fine_tuned=[])
+
+
+def test_windows_that_are_not_whole_multiples_of_l_are_labelled_as_what_they_are() -> None:
+    """scale=2.5 reads L, 2L and 2.5L: not "L, 2L, 2L" with the paper's 2L numbers under 2.5L."""
+    from reproduction.claims import multiple
+    from reproduction.report import ppl_section
+
+    assert [multiple(w, 128) for w in (128, 256, 320, 1024)] == ["L", "2L", "2.5L", "8L"]
+    text = ppl_section([128, 256, 320], 128, {"PI": {128: 40.0, 256: 39.0, 320: 38.5}})
+    assert "| model | L = 128 | 2L = 256 | 2.5L = 320 |" in text
+    assert "| PI to 8L (16384), 1000 steps | 7.11 | 6.93 | - |" in text
+    windows = {BASE: {128: 40.0, 256: 400.0, 320: 900.0}, PI: {128: 41.0, 256: 40.0, 320: 39.9},
+               FT: {128: 42.0, 256: 45.0, 320: 50.0}}
+    claims = judge_all(numbers(window=128, long_window=320, ppl=windows, fine_tuned=[FT], k_max={PI: 300, FT: 100}, largest_k=300))
+    assert claims[0].ours.endswith("900.00 at 2.5L (22.50x)") and claims[1].ours.endswith("at L, 2L, 2.5L")
+
+
+def test_the_attention_table_names_its_extent_and_gives_the_real_pairs_their_shared_values() -> None:
+    """B(s)/d and the bound ratio where B(s) = d depend on the frequencies only: a real query/key column has them
+    (not as per-pair medians). The extrapolation row names the configured extent, not always 2L."""
+    from reproduction.report import attention_section
+
+    fit = {"head_dim": 128, "window": 2048, "extent": 4.0, "inside_max": 0.5, "interpolation_max": 0.5,
+           "extrapolation_max": 8000.0, "bound_ratio_min": 650.0, "bound_ratio_at_b_equal_d": 589.46}
+    real = {"pairs": 8, "inside_max_median": 0.7, "interpolation_max_median": 0.7, "extrapolation_max_median": 90.0,
+            "bound_ratio_min_median": 640.0, "bound_ratio_at_b_equal_d": 589.46, "b_over_d_min": 1.1}
+    text = attention_section({"paper_fit": fit, "query_key": {"base": real}}, "base")
+    assert "| max \\|a(s)\\|, integers in (L, 4L] | 8000 | 90 |" in text
+    assert "| bound ratio where B(s) = d | 589.5 | 589.5 |" in text
 
 
 def test_the_ablation_table_splits_passkey_success_at_the_base_window() -> None:
