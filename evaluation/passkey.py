@@ -8,6 +8,7 @@ window. k is the distance from the key's first token (its first occurrence in "T
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,8 +19,33 @@ import torch
 # One layout for training documents and evaluation prompts (re-exported here for the evaluation's users).
 from data.synthetic_passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION, PasskeyPrompt, PasskeyPrompter, TokenizerLike  # noqa: F401
 from evaluation.errors import EvaluationError
+from model.args import ModelArgs
 
 DEFAULT_THRESHOLD = 0.2  # the paper: every k' <= k_max retrieves the key in at least 20% of trials
+# The share of the free GPU memory a batch of prompts may plan on; the rest is the allocator's slack and the
+# attention kernels' workspace.
+MEMORY_SHARE = 0.8
+
+log = logging.getLogger(__name__)
+
+
+def prompt_bytes(args: ModelArgs, tokens: int, itemsize: int) -> int:
+    """Memory one prompt of `tokens` tokens needs while it is decoded: its KV cache (2 x layers x kv heads x head
+    dim per token) and the widest activations of its prefill (the MLP's three hidden_dim-wide tensors and a few
+    copies of the residual stream). LLaMA 7B at 32k tokens in bf16: 16 GiB of cache, 3 GiB of activations."""
+    cache = 2 * args.n_layers * args.kv_heads * args.head_dim * tokens * itemsize
+    prefill = tokens * (3 * args.hidden_dim + 4 * args.dim) * itemsize
+    return cache + prefill
+
+
+def fitted_batch_size(batch_size: int, args: ModelArgs, tokens: int, itemsize: int, free_bytes: int | None) -> int:
+    """`batch_size`, lowered (to 1 at least) until a batch of prompts fits MEMORY_SHARE of `free_bytes` (None: no
+    limit known, as on CPU). passkey.batch_size=10 at 32k tokens would plan 160 GiB of KV cache for LLaMA 7B."""
+    if free_bytes is None:
+        return batch_size
+    mask = tokens * tokens  # the prefill's boolean causal mask, shared by the batch
+    fits = (int(free_bytes * MEMORY_SHARE) - mask) // prompt_bytes(args, tokens, itemsize)
+    return max(1, min(batch_size, fits))
 
 
 def spread_distances(smallest: int, largest: int, count: int) -> list[int]:
@@ -148,7 +174,15 @@ def run_passkey(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise EvaluationError(f"passkey.batch_size={batch_size!r} must be a positive integer.")
     plan = plan_passkey(tokenizer, window, num_positions, trials, seed)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = torch.device(device) if device is not None else parameter.device
+    if hasattr(model, "args"):  # a Llama: its KV cache can be sized (an HF adapter decodes its own way)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        fitted = fitted_batch_size(batch_size, model.args, window, parameter.element_size(), free)
+        if fitted < batch_size:
+            log.info("passkey: %d prompts per batch instead of passkey.batch_size=%d, so that their %d-token KV caches fit "
+                     "in the GPU's free memory", fitted, batch_size, window)
+        batch_size = fitted
     prompter = PasskeyPrompter(tokenizer)
     keys, n_answer, length, distances = plan.keys, plan.n_answer, plan.length, plan.distances
     successes, answers = [], []

@@ -264,6 +264,26 @@ def test_passkey_prompt_refuses_an_unreachable_distance(tokenizer):
         prompter.build("12345", largest + 1, 200)
 
 
+def test_a_passkey_batch_is_cut_to_what_the_gpus_free_memory_holds(tokenizer, monkeypatch):
+    """passkey.batch_size=10 prompts of 32k tokens would plan 160 GiB of KV cache for LLaMA 7B in bf16: the batch
+    is lowered to what fits, never below 1, and left as asked where no limit is known (CPU)."""
+    import evaluation.passkey as passkey
+    from model.args import preset
+
+    llama = preset("llama1-7b")
+    assert passkey.prompt_bytes(llama, 32768, 2) == 32768 * 2 * (2 * 32 * 32 * 128 + 3 * 11008 + 4 * 4096)
+    sixty = 60 * 2**30
+    assert [passkey.fitted_batch_size(10, llama, w, 2, sixty) for w in (4096, 8192, 16384, 32768)] == [10, 10, 5, 2]
+    assert passkey.fitted_batch_size(10, llama, 32768, 2, 2**30) == 1 and passkey.fitted_batch_size(10, llama, 32768, 2, None) == 10
+    # run_passkey decodes in the batches the fit allows
+    batches = []
+    greedy = passkey.greedy_continuations
+    monkeypatch.setattr(passkey, "fitted_batch_size", lambda batch, args, tokens, itemsize, free: 3)
+    monkeypatch.setattr(passkey, "greedy_continuations", lambda model, prompts, n: batches.append(len(prompts)) or greedy(model, prompts, n))
+    run_passkey(tiny_model(vocab_size=VOCAB), tokenizer, 300, num_positions=2, trials=7, batch_size=10)
+    assert batches == [3, 3, 1, 3, 3, 1]
+
+
 def test_k_max_follows_the_twenty_percent_rule():
     distances = [100, 200, 300, 400, 500, 600]
     assert k_max(distances, [1.0, 0.9, 0.2, 0.3, 0.0, 0.0]) == 400  # 0.2 counts as success
