@@ -55,8 +55,9 @@ def by_step_section(runs: Mapping[str, Sequence[Mapping[str, Any]]], windows: Se
     parts = []
     for title, rows in runs.items():
         header = ["step", *(f"ppl {multiple(w, base)}" for w in windows), "passkey k_max"]
-        body = [[row["step"], *(tables.format_ppl(row.get(f"ppl_{w}")) for w in windows), row.get("passkey_k_max", "-")]
-                for row in rows]
+        # A window the row has no value for is "-"; a value stored as null (not finite) reads "inf".
+        body = [[row["step"], *(tables.format_ppl(row[f"ppl_{w}"]) if f"ppl_{w}" in row else "-" for w in windows),
+                 row.get("passkey_k_max", "-")] for row in rows]
         parts.append(f"**{title}**\n\n" + tables.markdown_table(header, body))
     return "\n\n".join(parts)
 

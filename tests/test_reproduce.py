@@ -91,7 +91,7 @@ def test_a_nan_perplexity_makes_its_claims_untestable_and_an_infinite_one_is_jud
 def test_windows_that_are_not_whole_multiples_of_l_are_labelled_as_what_they_are() -> None:
     """scale=2.5 reads L, 2L and 2.5L: not "L, 2L, 2L" with the paper's 2L numbers under 2.5L."""
     from reproduction.claims import multiple
-    from reproduction.report import ppl_section
+    from reproduction.report import by_step_section, ppl_section
 
     assert [multiple(w, 128) for w in (128, 256, 320, 1024)] == ["L", "2L", "2.5L", "8L"]
     text = ppl_section([128, 256, 320], 128, {"PI": {128: 40.0, 256: 39.0, 320: 38.5}})
@@ -101,6 +101,8 @@ def test_windows_that_are_not_whole_multiples_of_l_are_labelled_as_what_they_are
                FT: {128: 42.0, 256: 45.0, 320: 50.0}}
     claims = judge_all(numbers(window=128, long_window=320, ppl=windows, fine_tuned=[FT], k_max={PI: 300, FT: 100}, largest_k=300))
     assert claims[0].ours.endswith("900.00 at 2.5L (22.50x)") and claims[1].ours.endswith("at L, 2L, 2.5L")
+    by_step = by_step_section({"PI": [{"step": 0, "ppl_128": 40.0, "ppl_320": None}]}, [128, 256, 320], 128)
+    assert "| step | ppl L | ppl 2L | ppl 2.5L | passkey k_max |" in by_step and "| 0 | 40.00 | - | inf | - |" in by_step
 
 
 def test_the_attention_table_names_its_extent_and_gives_the_real_pairs_their_shared_values() -> None:
