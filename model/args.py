@@ -26,6 +26,8 @@ class ModelArgs:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}.")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
+            raise ValueError(f"model.n_kv_heads must be positive (or null for as many as n_heads), got {self.n_kv_heads}.")
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}.")
         if self.n_heads % self.kv_heads:

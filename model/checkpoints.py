@@ -174,6 +174,12 @@ def load_into(model: Llama, state: Mapping[str, Tensor], strict: bool = True) ->
                 "was it saved with another position encoding or model?"
             )
     model.load_state_dict(state, strict=strict, assign=True)
+    # A model built on the meta device keeps there any parameter the state dict lacked (strict=False), and
+    # would fail at its first forward, far from the cause.
+    left = [name for name, param in model.named_parameters() if param.is_meta]
+    if left:
+        raise CheckpointError(f"the checkpoint has no weights for {left[:5]}{' ...' if len(left) > 5 else ''}; "
+                              "load it into the model it was saved from (model= and position= of its run).")
     # Non-persistent buffers (rotary tables) were created on the meta device: rebuild lazily on first use.
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
@@ -460,7 +466,10 @@ def check_same_tokenizer(pretrained: Pretrained, tokenizer: str | os.PathLike) -
 def same_tokenizer(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two tokenizer files are the same tokenizer: the same bytes, or the same vocabulary."""
     try:
-        return Path(a).read_bytes() == Path(b).read_bytes() or _vocabulary(Path(a)) == _vocabulary(Path(b))
+        if Path(a).read_bytes() == Path(b).read_bytes():
+            return True
+        vocabulary = _vocabulary(Path(a))
+        return vocabulary is not None and vocabulary == _vocabulary(Path(b))  # two unreadable files are not one tokenizer
     except OSError as error:
         raise CheckpointError(f"cannot read tokenizer {error.filename} ({error.strerror}); check the file.") from None
 
@@ -506,10 +515,13 @@ def detect_format(path: str | os.PathLike) -> str:
             raise CheckpointError(f"{path} is a {path.suffix[1:]} file, not a checkpoint; pass a .ckpt file, or a Meta or HF folder.")
         return "project"
     names = {child.name for child in path.iterdir()}
-    if "params.json" in names or any(META_SHARD.match(name) for name in names):
+    # Shards decide; a params.json beside HF files (a converted folder that kept Meta's config) is not Meta.
+    if any(META_SHARD.match(name) for name in names):
         return "meta"
     if any(_HF_FILE.match(name) for name in names):
         return "hf"
+    if "params.json" in names:
+        return "meta"  # its reader names the missing shards
     if (path / "checkpoints" / "last.ckpt").exists():  # a train.py run folder
         raise CheckpointError(f"{path} is a training run's folder; pass its checkpoint, {path / 'checkpoints' / 'last.ckpt'} "
                               f"(or best.ckpt).")

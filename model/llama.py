@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from .args import ModelArgs
@@ -75,6 +75,7 @@ class KVCache:
             for _ in range(args.n_layers)
         ]
         self.max_len = max_len
+        self.batch_size = batch_size
         self.length = 0  # tokens already in the cache
         self.raw_keys = model.position.length_dependent
 
@@ -105,7 +106,6 @@ class Attention(nn.Module):
         if cache is None:
             if rot_k is not None:
                 k = apply_rotation(k, rot_k)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             if raw_keys:  # rot_k covers the whole context: rotate every cached key with today's table
                 k, v = cache.write(start, k, v)
@@ -114,16 +114,35 @@ class Attention(nn.Module):
                 if rot_k is not None:
                     k = apply_rotation(k, rot_k)
                 k, v = cache.write(start, k, v)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=_cached_mask(q.shape[2], k.shape[2], q.device), enable_gqa=self.n_kv_heads != self.n_heads
-            )
-        return self.wo(rearrange(out, "b h n d -> b n (h d)"))
+        return self.wo(rearrange(causal_attention(q, k, v), "b h n d -> b n (h d)"))
 
 
-def _cached_mask(n_queries: int, n_keys: int, device: torch.device) -> Tensor | None:
-    """Causal mask for queries that are the last n_queries of n_keys positions (None for one query)."""
-    if n_queries == 1:
-        return None
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA of queries (b, h, n, d) that are the last n of the keys' and values' (b, kv_heads, m, d) positions.
+
+    Chosen so that a fused kernel can take every call. On CUDA, flash attention takes no explicit mask and no
+    float32, and the memory-efficient kernel no grouped-query heads; SDPA then falls back, silently, to its math
+    kernel, which materialises (b, h, n, m) scores: 128 GiB for 32 heads at 32k tokens in float32. So queries
+    that are the whole context (training, a prefill into an empty cache) use is_causal and no mask, and where
+    a mask or float32 meets grouped heads on CUDA the keys and values are repeated per query head, which
+    costs m x d per head instead of n x m.
+    """
+    n, m = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    mask = None if n in (1, m) else _cached_mask(n, m, q.device)  # one query sees every key: no mask either
+    if group > 1 and _no_fused_gqa_kernel(q, mask):
+        k, v = (repeat(x, "b h m d -> b (h g) m d", g=group) for x in (k, v))  # query head i reads kv head i // g
+        group = 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=n == m and n > 1, enable_gqa=group > 1)
+
+
+def _no_fused_gqa_kernel(q: Tensor, mask: Tensor | None) -> bool:
+    """Whether SDPA on q's device would take grouped-query heads to its math kernel only (CUDA: a mask or float32)."""
+    return q.is_cuda and (mask is not None or q.dtype == torch.float32)
+
+
+def _cached_mask(n_queries: int, n_keys: int, device: torch.device) -> Tensor:
+    """Causal mask for queries that are the last n_queries of n_keys positions."""
     offset = n_keys - n_queries
     query_pos = torch.arange(n_queries, device=device)[:, None] + offset
     return torch.arange(n_keys, device=device)[None, :] <= query_pos
@@ -185,6 +204,8 @@ class Llama(nn.Module):
         context_len = start + n
         if cache is not None and context_len > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} tokens; {context_len} were asked for.")
+        if cache is not None and tokens.shape[0] != cache.batch_size:  # a write would broadcast into every row
+            raise ValueError(f"the KV cache was made for a batch of {cache.batch_size}, not {tokens.shape[0]}.")
         h = self.position.embed(self.tok_embeddings(tokens), start)
         # One rotary table per forward, shared by every layer.
         rot_q = self.position.rotation(start, n, context_len, tokens.device)

@@ -853,6 +853,12 @@ def test_detect_format(tmp_path, sp_tokenizer):
     assert detect_format(tmp_path / "hf") == detect_format(tmp_path / "hf" / "config.json") == "hf"
     ckpt = save_project_checkpoint(tmp_path / "x.ckpt", tiny_model(), {"kind": "rope"})
     assert detect_format(ckpt) == "project"
+    # A converted HF folder that kept Meta's params.json is HF: the shards decide, not the config's name.
+    (tmp_path / "hf" / "params.json").write_text("{}")
+    assert detect_format(tmp_path / "hf") == "hf"
+    (tmp_path / "meta-config-only").mkdir()
+    (tmp_path / "meta-config-only" / "params.json").write_text("{}")
+    assert detect_format(tmp_path / "meta-config-only") == "meta"  # whose reader then names the missing shards
     loaded = load_pretrained(ckpt, dtype="float16")
     assert loaded.extra["global_step"] == 7 and loaded.state_dict["output.weight"].dtype == torch.float16
 
@@ -964,6 +970,24 @@ def test_the_training_window_is_stored_and_a_damaged_one_is_refused(tmp_path):
     torch.save({"state_dict": state, PROJECT_KEY: {**payload, "train_seq_len": "96"}}, tmp_path / "bad.ckpt")
     with pytest.raises(CheckpointError, match=r"bad.ckpt records a training window '96' that is not a positive integer"):
         load_pretrained(tmp_path / "bad.ckpt")
+
+
+def test_two_unreadable_tokenizer_files_are_not_the_same_tokenizer(tmp_path):
+    """Neither has a vocabulary to compare: None == None must not let a mismatch through."""
+    first, second = tmp_path / "a.model", tmp_path / "b.model"
+    first.write_bytes(b"not a tokenizer")
+    second.write_bytes(b"nor this one")
+    with pytest.raises(CheckpointError, match="is not the one these weights come with"):
+        check_same_tokenizer(Pretrained(tiny_args(), {"kind": "rope"}, {}, tokenizer_path=first), second)
+
+
+def test_weights_missing_from_a_non_strict_load_are_named_not_left_on_the_meta_device():
+    model = tiny_model()
+    state = {name: tensor for name, tensor in model.state_dict().items() if name != "output.weight"}
+    with torch.device("meta"):
+        empty = build_model(model.args, {"kind": "rope"})
+    with pytest.raises(CheckpointError, match=r"the checkpoint has no weights for \['output.weight'\]"):
+        load_into(empty, state, strict=False)
 
 
 def test_a_tiktoken_file_with_other_line_endings_is_the_same_tokenizer_and_other_ranks_are_not(tmp_path):

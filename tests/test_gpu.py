@@ -51,6 +51,26 @@ def test_training_attention_runs_on_fast_sdpa_kernels_only(dim, n_heads, n_kv_he
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kv_cache_decoding_with_grouped_heads_runs_on_fused_sdpa_kernels_only(dtype):
+    """A passkey prompt: prefill into an empty cache, a masked chunk on top, then single tokens, with grouped-query
+    heads, in bf16 and float32 (evaluate's default). No call may need the math kernel, which materialises the
+    (b, h, n, m) scores: 128 GiB at 32k tokens with 32 heads in float32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    args = ModelArgs(dim=2048, n_layers=1, n_heads=32, n_kv_heads=4, vocab_size=512, ffn_dim=256, max_seq_len=1024)
+    with CUDA:
+        model = build_model(args, {"kind": "pi", "scale": 4.0}).eval().to(dtype)
+    tokens = torch.randint(0, args.vocab_size, (2, 4096 + 64 + 2), device=CUDA)
+    cache = model.new_cache(2, tokens.shape[1])
+    fast = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(fast), torch.no_grad():
+        for start, end in ((0, 4096), (4096, 4160), (4160, 4161), (4161, 4162)):
+            logits = model(tokens[:, start:end], cache)
+    torch.cuda.synchronize()
+    assert torch.isfinite(logits).all()
+
+
 def test_attention_inputs_are_bf16_under_autocast(monkeypatch):
     """SDPA sees bf16 q/k/v (the flash kernels' dtype) and no mask, though weights and rotary tables are float32."""
     seen: list[torch.dtype] = []

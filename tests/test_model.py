@@ -84,6 +84,36 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(position):
     torch.testing.assert_close(torch.cat([logits for _, logits in steps], dim=1), full, rtol=0, atol=2e-5)
 
 
+def test_kv_cache_decoding_with_keys_and_values_repeated_per_query_head_equals_full_forward(monkeypatch):
+    """On CUDA a causal mask (or float32) with grouped-query heads has no fused SDPA kernel, so the keys and values
+    are repeated per query head there first. Forced on here: the repeated layout (query head i reads kv head
+    i // group) must give the full forward's logits, through the masked chunk and the single-token steps."""
+    import model.llama as llama
+
+    model = tiny_model({"kind": "pi", "scale": 4.0}, n_heads=4, n_kv_heads=2)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 80))
+    with torch.no_grad():
+        full = model(tokens)  # SDPA's own grouped-query attention
+    calls = []
+    monkeypatch.setattr(llama, "_no_fused_gqa_kernel", lambda q, mask: calls.append(mask is not None) or True)
+    steps = _decode_in_steps(model, tokens)
+    torch.testing.assert_close(torch.cat([logits for _, logits in steps], dim=1), full, rtol=0, atol=2e-5)
+    assert any(calls) and not all(calls)  # the masked chunk (24 -> 30) and the unmasked calls both took the path
+
+
+def test_a_kv_cache_is_read_with_the_batch_it_was_made_for():
+    """A cache of 3 rows fed 1 row would broadcast that row's keys into all 3 and return 3 rows of logits."""
+    model = tiny_model()
+    cache = model.new_cache(batch_size=3, max_len=16)
+    with pytest.raises(ValueError, match="the KV cache was made for a batch of 3, not 1"):
+        model(torch.randint(0, model.args.vocab_size, (1, 4)), cache)
+
+
+def test_a_negative_number_of_key_value_heads_is_refused():
+    with pytest.raises(ValueError, match="model.n_kv_heads must be positive"):
+        tiny_args(n_kv_heads=-2)
+
+
 def test_kv_cache_dynamic_ntk_each_step_equals_a_full_forward_of_its_prefix():
     """Dynamic NTK reads every position with the base of the current length, so the reference for
     a step is the full forward of the tokens so far (not one forward over all 80 tokens).
