@@ -43,9 +43,7 @@ def fitted_batch_size(batch_size: int, args: ModelArgs, tokens: int, itemsize: i
     limit known, as on CPU). passkey.batch_size=10 at 32k tokens would plan 160 GiB of KV cache for LLaMA 7B."""
     if free_bytes is None:
         return batch_size
-    mask = tokens * tokens  # the prefill's boolean causal mask, shared by the batch
-    fits = (int(free_bytes * MEMORY_SHARE) - mask) // prompt_bytes(args, tokens, itemsize)
-    return max(1, min(batch_size, fits))
+    return max(1, min(batch_size, int(free_bytes * MEMORY_SHARE) // prompt_bytes(args, tokens, itemsize)))
 
 
 def spread_distances(smallest: int, largest: int, count: int) -> list[int]:
