@@ -251,3 +251,10 @@ def analyse_model(
     facts.update(_region_facts(theta, args.head_dim, args.max_seq_len, extent, curves["b_over_d"]))
     curves["pairs"] = np.array([[w["layer"], w["head"], w["query"], w["key"]] for w in where])
     return facts, curves
+
+
+def pair_medians(facts: dict[str, Any]) -> dict[str, Any]:
+    """A real query/key analysis under the names a fit uses: the per-pair medians, and what every pair shares
+    (B(s)/d and the bound ratio where B(s) = d depend on the frequencies only; the shape)."""
+    shared = {k: facts[k] for k in ("b_over_d_min", "bound_ratio_at_b_equal_d", "head_dim", "window", "theta") if k in facts}
+    return {k.removesuffix("_median"): v for k, v in facts.items() if k.endswith("_median")} | shared

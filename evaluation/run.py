@@ -25,7 +25,7 @@ from model.checkpoints import CheckpointError, Pretrained, check_same_tokenizer,
 from model.position import RoPE
 
 from evaluation import report
-from evaluation.attention import analyse_model, fit_random_scores, geometric_theta
+from evaluation.attention import analyse_model, fit_random_scores, geometric_theta, pair_medians
 from evaluation.errors import EvaluationError
 from evaluation.generation import generate
 from evaluation.limits import check_window, extended_window, meant_window, readable_length
@@ -435,7 +435,7 @@ def _attention(cfg: DictConfig, variant: Variant, model: Llama, documents: list[
     title = f"{variant.name}: a real query/key pair (layer {layer}, head {head}), d={args.head_dim}, L={args.max_seq_len}"
     report.plot_attention(collected.out / file, facts, curves, title)
     collected.figures.append(file)
-    _print_attention(f"{variant.name}, real queries/keys (median over {facts['pairs']} pairs)", _medians(facts))
+    _print_attention(f"{variant.name}, real queries/keys (median over {facts['pairs']} pairs)", pair_medians(facts))
 
 
 def _generate(cfg: DictConfig, variant: Variant, model: Llama, tokenizer: Any, collected: Collected) -> None:
@@ -444,12 +444,6 @@ def _generate(cfg: DictConfig, variant: Variant, model: Llama, tokenizer: Any, c
     new = generate(model, prompt, g.max_new_tokens, g.temperature, g.top_p, tokenizer.eos_id, cfg.seed, readable_length(model.position))
     collected.samples[variant.name] = tokenizer.decode(new)
     print(f"--- {variant.name}\n{g.prompt}{collected.samples[variant.name]}\n")
-
-
-def _medians(facts: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-pair medians of a real query/key analysis, under the names a fit uses."""
-    shared = {k: facts[k] for k in ("b_over_d_min", "bound_ratio_at_b_equal_d", "head_dim", "window", "theta") if k in facts}
-    return {k.removesuffix("_median"): v for k, v in facts.items() if k.endswith("_median")} | shared
 
 
 def _check_passkey_settings(cfg: DictConfig) -> None:
@@ -538,7 +532,7 @@ def _attention_markdown(results: Mapping[str, Any]) -> str:
     columns += list(results.get("fits", {}).items())
     for name, facts in results.get("query_key", {}).items():
         if "skipped" not in facts:
-            columns.append((f"{name}: real q/k, median of {facts['pairs']}", _medians(facts)))
+            columns.append((f"{name}: real q/k, median of {facts['pairs']}", pair_medians(facts)))
     rows = [[label, *(f"{facts[key]:.4g}" if key in facts else "" for _, facts in columns)] for key, label in ATTENTION_ROWS]
     skipped = [f"{name}: {facts['skipped']}" for name, facts in results.get("query_key", {}).items() if "skipped" in facts]
     note = "\n\nNot analysed: " + "; ".join(skipped) + "." if skipped else ""

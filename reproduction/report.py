@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluation import report as tables  # noqa: E402
+from evaluation.attention import pair_medians  # noqa: E402
 from reproduction.claims import Claim, multiple  # noqa: E402
 
 # The paper's numbers (LLaMA 7B, L = 2048, PG-19, stride 256), by window as a multiple of L.
@@ -298,11 +299,7 @@ def attention_section(attention: Mapping[str, Any], base_name: str) -> str:
         columns.append((label, facts))
     real = attention.get("query_key", {}).get(base_name)
     if real and "skipped" not in real:
-        # Per-pair medians under the fit's names, and what the pairs share (B(s)/d and the bound ratio at B(s) = d
-        # depend on the frequencies only).
-        shared = {k: real[k] for k in ("b_over_d_min", "bound_ratio_at_b_equal_d") if k in real}
-        medians = {k.removesuffix("_median"): v for k, v in real.items() if k.endswith("_median")} | shared
-        columns.append((f"{base_name}: real q/k (median of {real['pairs']} pairs)", medians))
+        columns.append((f"{base_name}: real q/k (median of {real['pairs']} pairs)", pair_medians(real)))
     def cell(facts: Mapping[str, Any], key: str) -> str:
         if key not in facts:
             return ""
