@@ -38,12 +38,13 @@ def main(cfg: DictConfig) -> None:
     from evaluation.errors import EvaluationError
     from model.checkpoints import CheckpointError
     from model.position import PositionError
+    from reproduction.pipeline import StageError
     from training.config import ConfigError
     from training.faults import NonFiniteLossError
 
     try:
         reproduce(cfg)
-    except (ConfigError, DataError, CheckpointError, EvaluationError, PositionError, NonFiniteLossError) as error:
+    except (ConfigError, DataError, CheckpointError, EvaluationError, PositionError, NonFiniteLossError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
@@ -53,17 +54,12 @@ def reproduce(cfg: DictConfig) -> Path:
     from reproduction.pipeline import BASE_ROW, Reproduction
 
     run = Reproduction(cfg)
-    b = cfg.budget
-    n, n_long = int(b.finetune_steps), int(b.long_finetune_steps)
     run.pretrain()
-    run.finetune("pi", f"PI, {n} steps", "pi", n, int(b.eval_every_n_steps))
-    run.finetune("ft", f"FT (direct), {n} steps", "rope", n, int(b.eval_every_n_steps))
-    run.finetune("ft_long", f"FT (direct), {n_long} steps", "rope", n_long, int(b.long_eval_every_n_steps))
-    # Not in the paper's comparison (PI N steps vs direct 10N): PI given the same 10N steps, which
-    # tells a slower PI adaptation at this scale from a worse end point.
-    run.finetune("pi_long", f"PI, {n_long} steps", "pi", n_long, int(b.long_eval_every_n_steps))
-
-    ablation_stages = run.long_passkey_ablation() if b.get("long_passkey_ablation", False) else []
+    # All of them start from the base alone: with budget.parallel_stages > 1 they run side by side.
+    fine_tunes = run.finetune_stages()
+    ablation_plan = run.long_passkey_ablation_stages() if cfg.budget.get("long_passkey_ablation", False) else []
+    run.run_stages(fine_tunes + ablation_plan)
+    ablation_stages = [stage.name for stage in ablation_plan]
 
     base = {"name": BASE_ROW, "ckpt": str(run.checkpoint("base"))}
     extensions = run.evaluate("extensions", ["ppl", "passkey"], run.extension_variants(),
@@ -79,9 +75,10 @@ def reproduce(cfg: DictConfig) -> Path:
                           **{"passkey.window": run.window, "ppl.windows": f"[{run.window}]"})
     attention = run.evaluate("attention", ["attention"], [base])
     timings = {name: stage.seconds for name, stage in run.stages.items()}
-    # Each stage's and evaluation's own run time, also when reused from an earlier call.
+    # Each stage's and evaluation's own run time, also when reused from an earlier call; stages that ran
+    # at once count their shared time once in the total.
     timings["evaluation"] = sum(seconds for seconds, _ in run.evaluations.values())
-    timings["total"] = sum(timings.values())
+    timings["total"] = run.stages_wall_seconds() + timings["evaluation"]
     return write_report(cfg, run, extensions, inside, attention, timings, ablation)
 
 
@@ -168,7 +165,7 @@ Seed {cfg.seed}. Base window L = {L}, extended window L' = {long_window} (scale 
 The train split holds {corpus / 1e6:.2f}M tokens; "tokens (passes)" counts what each stage trained on.
 
 {tables.markdown_table(["stage", "what", "command", "tokens (passes)", "seconds", "final val ppl (window)"], stage_rows)}
-
+{_at_once_text(run)}
 ## Claims
 
 {report.claims_section(claims)}
@@ -248,6 +245,15 @@ def _base_by_step_text(run: Any, budget: dict[str, Any]) -> str:
             f"every {budget['pretrain_eval_every_n_steps']} steps: when the base learns to retrieve, and whether its "
             "perplexity has stopped falling before the last step.\n\n"
             + report.by_step_section({run.stages["base"].title: rows}, [run.window], run.window) + "\n\n")
+
+
+def _at_once_text(run: Any) -> str:
+    """Where stages overlapped in time, what their seconds mean."""
+    if not run.ran_at_once():
+        return ""
+    return (f"\nUp to {run.parallel_stages} fine-tunes ran at once (`budget.parallel_stages`), each its own `train.py` "
+            "process on the same device: a stage's seconds are its own wall time, shared with the others; the "
+            f"stages took {run.stages_wall_seconds():.0f} s from the first start to the last finish.\n")
 
 
 def _early_stopping_text(run: Any) -> str:

@@ -19,7 +19,9 @@
 # files of each evaluation the call finished or reused in eval/, so a run cut short still returns what it
 # finished. The checkpoints stay on the machine. At commit 9cd9a49 budget=gpu needed more than 11 minutes on
 # an H200 (647 s for its stages and first evaluation alone), more than one call's 600 s. It now pretrains
-# half as long, and no stage uses activation checkpointing; it may fit. When a call is cut, make the same
+# half as long, no stage uses activation checkpointing, and the four fine-tunes (401 s one after the other
+# then) train side by side, one train.py process each (budget.parallel_stages; their output comes back as
+# runs/STAGE/process.log); it may fit. When a call is cut, make the same
 # call again at once, while the machine is warm (it is released after 30 s idle): the second call reuses
 # the finished stages and evaluations (one cut midway starts over) and the wheels the first call installed.
 # The step `ops` (bench/ops_per_step.py, about 20 s) measures what turning checkpointing off saves:
@@ -157,6 +159,12 @@ for i in "${!planned[@]}"; do
       # this call finished or reused has a record newer than the stamp (reproduce.py touches a reused one).
       rm -rf "$work/report"
       mkdir -p "$work" && touch "$work/call_started"
+      # budget=gpu trains its fine-tunes side by side, one process each; a card that takes one process at a
+      # time (compute mode Exclusive_Process) would refuse the second: there, one at a time.
+      mode=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1)
+      if [[ -n $mode && $mode != Default ]]; then
+        echo "run_gpu.sh: compute mode $mode: the fine-tunes run one at a time"; reproduce_args+=(budget.parallel_stages=1)
+      fi
       timeout -k 5 "$cap" python3 reproduce.py "${reproduce_args[@]}" "work_dir=$work" \
         "report_dir=$work/report" > "$OUT/reproduce.log" 2>&1
       rc=$?
@@ -168,7 +176,8 @@ for i in "${!planned[@]}"; do
           find eval -name reproduce_eval.json -newer call_started 2>/dev/null | while read -r record; do
             find "$(dirname "$record")" -type f
           done
-          for file in runs/*/summary.json runs/*/reproduce_stage.json runs/*/eval_by_step.json runs/*/logs/metrics.csv; do
+          for file in runs/*/summary.json runs/*/reproduce_stage.json runs/*/eval_by_step.json runs/*/logs/metrics.csv \
+            runs/*/process.log; do
             [ -f "$file" ] && echo "$file"
           done; } ) | tar czf "$OUT/reproduction-gpu.tgz" -C "$work" -T -
       fi

@@ -16,6 +16,8 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,10 @@ class Stage:
     seconds: float = 0.0
     reused: bool = False
     summary: dict[str, Any] = field(default_factory=dict)
+    # When it ran (epoch seconds), also for a reused stage: stages that ran at once overlap, and the
+    # report's total counts their shared time once. None for a record written before this was kept.
+    started: float | None = None
+    finished: float | None = None
 
     @property
     def command(self) -> str:
@@ -63,6 +69,10 @@ class Stage:
 
 def _quote(override: str) -> str:
     return f"'{override}'" if any(c in override for c in "[]{}, ") else override
+
+
+class StageError(RuntimeError):
+    """A training stage that ran in its own process (budget.parallel_stages > 1) failed."""
 
 
 class Reproduction:
@@ -81,6 +91,13 @@ class Reproduction:
         self.window = int(self.budget.get("window") or train_defaults.model.max_seq_len)  # L
         self.long_window = round(self.window * float(cfg.scale))  # L'
         self.windows = sorted({self.window * 2**i for i in range(8) if self.window * 2**i < self.long_window} | {self.long_window})
+        parallel = self.budget.get("parallel_stages", 1)
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            from training.config import ConfigError  # noqa: PLC0415
+
+            raise ConfigError(f"budget.parallel_stages={parallel!r} must be a whole number >= 1 (1: one stage at a time, "
+                              "in this process).")
+        self.parallel_stages = parallel
         self.stages: dict[str, Stage] = {}
         self.evaluations: dict[str, tuple[float, bool]] = {}  # name -> (seconds it took when it ran, reused)
 
@@ -97,12 +114,12 @@ class Reproduction:
 
     def pretrain(self) -> Stage:
         b = self.budget
-        return self._run(Stage("base", f"RoPE base at L = {self.window}", [
+        return self.run_stages([Stage("base", f"RoPE base at L = {self.window}", [
             *self.common(), "stage=pretrain", "position=rope", "scale=1",
             f"optim.pretrain.max_steps={b.pretrain_steps}", f"optim.pretrain.batch_size={b.pretrain_batch_size}",
             f"optim.pretrain.warmup_steps={min(30, b.pretrain_steps // 4)}",
             *self._pretrain_eval(),
-        ]))
+        ])])[0]
 
     def _pretrain_eval(self) -> list[str]:
         """The by-step callback at L during pretraining, where the budget asks for it (not on CPU: the
@@ -120,25 +137,41 @@ class Reproduction:
         size = self.budget.get("eval_batch_size")
         return [f"eval.batch_size={size}"] if size else []
 
-    def finetune(self, name: str, title: str, kind: str, steps: int, every: int, *extra: str) -> Stage:
-        """A fine-tune of the base to L' with the paper's recipe; `extra` overrides set an ablation apart."""
+    def finetune_stage(self, name: str, title: str, kind: str, steps: int, every: int, *extra: str) -> Stage:
+        """A fine-tune of the base to L' with the paper's recipe, planned (`run_stages` runs it); `extra`
+        overrides set an ablation apart."""
         b = self.budget
-        return self._run(Stage(name, title, [
+        return Stage(name, title, [
             *self.common(), "stage=finetune", f"init={self.checkpoint('base')}", f"position={kind}", f"scale={self.scale}",
             f"optim.finetune.max_steps={steps}", f"optim.finetune.batch_size={b.finetune_batch_size}",
             f"optim.finetune.lr={b.finetune_lr}",
             f"eval.every_n_steps={every}", f"eval.windows=[{','.join(map(str, self.windows))}]",
             f"eval.max_documents={b.eval_documents}", f"eval.passkey_trials={b.eval_passkey_trials}",
             *self._eval_batch(), *extra,
-        ]))
+        ])
 
-    def long_passkey_ablation(self) -> list[str]:
+    def finetune(self, name: str, title: str, kind: str, steps: int, every: int, *extra: str) -> Stage:
+        """One fine-tune of the base to L', run now (or reused)."""
+        return self.run_stages([self.finetune_stage(name, title, kind, steps, every, *extra)])[0]
+
+    def finetune_stages(self) -> list[Stage]:
+        """The paper's comparison: PI for N steps, direct fine-tuning for N and 10N steps, and (beyond the
+        paper's design) PI for 10N steps, which tells a slower PI adaptation at this scale from a worse end point."""
+        b = self.budget
+        n, n_long = int(b.finetune_steps), int(b.long_finetune_steps)
+        every, every_long = int(b.eval_every_n_steps), int(b.long_eval_every_n_steps)
+        return [self.finetune_stage("pi", f"PI, {n} steps", "pi", n, every),
+                self.finetune_stage("ft", f"FT (direct), {n} steps", "rope", n, every),
+                self.finetune_stage("ft_long", f"FT (direct), {n_long} steps", "rope", n_long, every_long),
+                self.finetune_stage("pi_long", f"PI, {n_long} steps", "pi", n_long, every_long)]
+
+    def long_passkey_ablation_stages(self) -> list[Stage]:
         """Beyond the paper: the four fine-tunes again with passkey prompts up to L' (not L) in their data.
 
         The paper fine-tunes on PG-19 alone: LLaMA already retrieves at any distance in its window, so
         the test is whether PI keeps that skill usable over L'. A small base was trained to retrieve over
         at most L tokens; here PI and direct fine-tuning get the chance to learn retrieval over L', and
-        the question becomes how fast each encoding does. Returns the stage names.
+        the question becomes how fast each encoding does.
         """
         b = self.budget
         n, n_long = int(b.finetune_steps), int(b.long_finetune_steps)
@@ -148,9 +181,7 @@ class Reproduction:
                 ("ft_lpk", f"FT (direct), {n} steps, {note}", "rope", n, int(b.eval_every_n_steps)),
                 ("ft_lpk_long", f"FT (direct), {n_long} steps, {note}", "rope", n_long, int(b.long_eval_every_n_steps)),
                 ("pi_lpk_long", f"PI, {n_long} steps, {note}", "pi", n_long, int(b.long_eval_every_n_steps))]
-        for name, title, kind, steps, every in plan:
-            self.finetune(name, title, kind, steps, every, longer)
-        return [name for name, *_ in plan]
+        return [self.finetune_stage(name, title, kind, steps, every, longer) for name, title, kind, steps, every in plan]
 
     def checkpoint(self, stage: str) -> Path:
         return self.work / "runs" / stage / "checkpoints" / "last.ckpt"
@@ -159,33 +190,136 @@ class Reproduction:
         """The stage's Lightning CSV log (training and validation metrics by step)."""
         return self.work / "runs" / stage / "logs" / "metrics.csv"
 
-    def _run(self, stage: Stage) -> Stage:
-        from training.run import train  # noqa: PLC0415 (Lightning loads only when a stage runs)
+    def run_stages(self, stages: list[Stage]) -> list[Stage]:
+        """Run the planned stages, reusing each one whose finished run in work_dir has the same settings.
 
-        run_dir = self.work / "runs" / stage.name
-        record = run_dir / "reproduce_stage.json"
-        # A fine-tune depends on the base run as well as its own settings: a new base makes it stale.
-        inputs = {name: self._fingerprint(name) for name in self.stages if f"init={self.checkpoint(name)}" in stage.overrides}
-        inputs["data"] = self.data_key()  # same settings over new training data (e.g. a new passkey recipe): stale
+        With budget.parallel_stages > 1, stages that have to run go up to that many at once, each as its own
+        `python train.py ...` process (the command the report gives): on a GPU, a small model's step is bound
+        by host work, so several runs share one card at nearly the speed of one. Otherwise they run one after
+        the other in this process. Either way a stage's record is written only once it finished.
+        """
+        for stage in stages:
+            self.stages[stage.name] = stage  # the report lists stages in planned order, however they finish
+        pending = [stage for stage in stages if not self._reuse(stage)]
+        if self.parallel_stages > 1 and len(pending) > 1:
+            self._train_in_processes(pending)
+        else:
+            for stage in pending:
+                self._train_here(stage)
+        return stages
+
+    def run_dir(self, stage: str) -> Path:
+        return self.work / "runs" / stage
+
+    def _inputs(self, stage: Stage) -> dict[str, str]:
+        """What a stage depends on beyond its overrides: a fine-tune on the base run (a new base makes it
+        stale), and every stage on the training data (same settings over new data, e.g. a new passkey recipe)."""
+        inputs = {name: self._fingerprint(name) for name in self.stages
+                  if name != stage.name and f"init={self.checkpoint(name)}" in stage.overrides}
+        inputs["data"] = self.data_key()
+        return inputs
+
+    def _reuse(self, stage: Stage) -> bool:
+        record = self.run_dir(stage.name) / "reproduce_stage.json"
         saved = _read_record(record) if self.cfg.reuse and self.checkpoint(stage.name).is_file() else None
-        if saved is not None:
-            if saved.get("overrides") == stage.overrides and saved.get("inputs") == inputs:
-                log.info("stage %s: reusing the finished run in %s", stage.name, run_dir)
-                stage.seconds, stage.reused, stage.summary = saved["seconds"], True, saved["summary"]
-                self.stages[stage.name] = stage
-                return stage
+        if saved is None or saved.get("overrides") != stage.overrides or saved.get("inputs") != self._inputs(stage):
+            return False
+        log.info("stage %s: reusing the finished run in %s", stage.name, self.run_dir(stage.name))
+        stage.seconds, stage.reused, stage.summary = saved["seconds"], True, saved["summary"]
+        stage.started, stage.finished = saved.get("started"), saved.get("finished")
+        return True
+
+    def _fresh_run_dir(self, stage: Stage) -> Path:
+        run_dir = self.run_dir(stage.name)
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished or differently configured run: start it over
+        return run_dir
+
+    def _train_here(self, stage: Stage) -> None:
+        from training.run import train  # noqa: PLC0415 (Lightning loads only when a stage runs)
+
+        inputs, run_dir = self._inputs(stage), self._fresh_run_dir(stage)
         log.info("stage %s: %s run_dir=%s", stage.name, stage.command, run_dir)
-        started = time.perf_counter()
+        stage.started = time.time()
         train(compose(config_name="config", overrides=[*stage.overrides, f"run_dir={run_dir}"]))
-        stage.seconds = time.perf_counter() - started
-        stage.summary = json.loads((run_dir / "summary.json").read_text())
+        self._finish(stage, inputs, time.time())
+
+    def _finish(self, stage: Stage, inputs: dict[str, str], finished: float) -> None:
+        assert stage.started is not None
+        stage.finished, stage.seconds = finished, finished - stage.started
+        stage.summary = json.loads((self.run_dir(stage.name) / "summary.json").read_text())
         # Written last: its presence means the stage finished.
-        _write_record(record, {"overrides": stage.overrides, "inputs": inputs, "seconds": stage.seconds, "summary": stage.summary})
+        _write_record(self.run_dir(stage.name) / "reproduce_stage.json", {
+            "overrides": stage.overrides, "inputs": inputs, "seconds": stage.seconds, "summary": stage.summary,
+            "started": stage.started, "finished": stage.finished})
         log.info("stage %s done in %.0f s (%s)", stage.name, stage.seconds, self.checkpoint(stage.name))
-        self.stages[stage.name] = stage
-        return stage
+
+    def stage_command(self, stage: Stage) -> list[str]:
+        """The process that trains a stage when stages run at once: train.py with the stage's overrides."""
+        return [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), *stage.overrides,
+                f"run_dir={self.run_dir(stage.name)}"]
+
+    def _train_in_processes(self, stages: list[Stage]) -> None:
+        """Up to budget.parallel_stages `train.py` processes at once, the longest stages first (they set the
+        wall time). A failed stage lets the others finish (their records make them reusable) and then stops
+        the reproduction with the end of its output."""
+        queue = sorted(stages, key=_steps, reverse=True)
+        inputs = {stage.name: self._inputs(stage) for stage in stages}
+        # Each process gets its share of the cores: on a CPU, n runs at full thread count would oversubscribe.
+        threads = str(max(1, (os.cpu_count() or 1) // min(self.parallel_stages, len(stages))))
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+        running: dict[str, tuple[Stage, subprocess.Popen, Any]] = {}
+        failed: list[str] = []
+        try:
+            while queue or running:
+                while queue and len(running) < self.parallel_stages:
+                    stage = queue.pop(0)
+                    run_dir = self._fresh_run_dir(stage)
+                    run_dir.mkdir(parents=True)
+                    output = (run_dir / "process.log").open("w")
+                    log.info("stage %s: %s run_dir=%s (its own process; output in %s)", stage.name, stage.command,
+                             run_dir, output.name)
+                    stage.started = time.time()
+                    running[stage.name] = (stage, subprocess.Popen(self.stage_command(stage), stdout=output,
+                                                                   stderr=subprocess.STDOUT, env=env), output)
+                time.sleep(0.2)
+                for name, (stage, process, output) in list(running.items()):
+                    if process.poll() is None:
+                        continue
+                    finished = time.time()
+                    output.close()
+                    del running[name]
+                    if process.returncode == 0:
+                        self._finish(stage, inputs[name], finished)
+                    else:
+                        failed.append(f"stage {name} failed (exit status {process.returncode}: "
+                                      f"{_last_error(Path(output.name))}); its output: {output.name}")
+                        log.error("%s", failed[-1])
+        finally:  # interrupted (SIGTERM, Ctrl-C) or an error here: no training process outlives the reproduction
+            for _, process, output in running.values():
+                process.terminate()
+            for _, process, output in running.values():
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                output.close()
+        if failed:
+            raise StageError("; ".join(failed) + ". Fix it and run the same command again: finished stages are reused.")
+
+    def stages_wall_seconds(self) -> float:
+        """Seconds the stages took from first start to last finish, time they ran at once counted once
+        (records from before start and finish times were kept count their own seconds)."""
+        spans = sorted((s.started, s.finished) for s in self.stages.values() if s.started is not None and s.finished is not None)
+        total, end = 0.0, float("-inf")
+        for start, finish in spans:
+            total += max(0.0, finish - max(start, end))
+            end = max(end, finish)
+        return total + sum(s.seconds for s in self.stages.values() if s.started is None or s.finished is None)
+
+    def ran_at_once(self) -> bool:
+        """Whether any two stages' runs overlapped in time (this call's or an earlier one's)."""
+        return self.stages_wall_seconds() < sum(s.seconds for s in self.stages.values()) - 1e-6
 
     @functools.cached_property
     def data(self) -> Any:
@@ -356,6 +490,21 @@ def evaluation_code() -> str:
         for source in sorted((root / package).rglob("*.py")):
             digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _steps(stage: Stage) -> int:
+    values = dict(o.split("=", 1) for o in stage.overrides if "=" in o)
+    return int(values.get("optim.finetune.max_steps") or values.get("optim.pretrain.max_steps") or 0)
+
+
+def _last_error(output: Path) -> str:
+    """The line that says why a train.py process failed: its `error:` sentence, else its last line."""
+    try:
+        lines = [line.strip() for line in output.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no output"
+    errors = [line for line in lines if line.startswith("error:") or "Error" in line.split(":", 1)[0]]
+    return (errors or lines or ["no output"])[-1]
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

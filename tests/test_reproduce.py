@@ -352,6 +352,98 @@ def test_a_finished_stage_is_reused_until_its_settings_or_its_base_change(tmp_pa
         assert trained[-2:] == ["base", "pi"] and len(trained) == 9
 
 
+# Stands in for `python train.py OVERRIDES run_dir=DIR` in a stage's own process: writes what the pipeline reads
+# from a finished run after SECONDS, or fails as train.py does (one `error:` sentence, exit status 2) where
+# FAIL_STAGE names its run_dir.
+FAKE_TRAIN = """
+import json, os, sys, time
+from pathlib import Path
+run_dir = Path(next(a for a in sys.argv[1:] if a.startswith("run_dir="))[len("run_dir="):])
+time.sleep(float(os.environ["FAKE_TRAIN_SECONDS"]))
+if run_dir.name == os.environ.get("FAIL_STAGE"):
+    print("error: data.passkey_share=2 must be between 0 and 1.", file=sys.stderr)
+    sys.exit(2)
+(run_dir / "checkpoints").mkdir(parents=True)
+(run_dir / "checkpoints" / "last.ckpt").write_text("weights")
+(run_dir / "summary.json").write_text(json.dumps({"seq_len": 1024, "metrics": {}, "argv": sys.argv[1:]}))
+"""
+
+
+def test_fine_tunes_run_side_by_side_in_their_own_processes_and_a_failed_one_stops_the_run(tmp_path: Path, monkeypatch) -> None:
+    import training.run
+    from reproduction.pipeline import Reproduction, StageError
+
+    trained_here = []
+
+    def fake_train(cfg):  # a stage run in this process
+        run_dir = Path(cfg.run_dir)
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "last.ckpt").write_text("weights")
+        (run_dir / "summary.json").write_text(json.dumps({"seq_len": 128, "metrics": {}}))
+        trained_here.append(run_dir.name)
+
+    monkeypatch.setattr(training.run, "train", fake_train)
+    started = []
+
+    def fake_command(self, stage):
+        started.append(stage.name)
+        return [sys.executable, "-c", FAKE_TRAIN, *stage.overrides, f"run_dir={self.run_dir(stage.name)}"]
+
+    monkeypatch.setattr(Reproduction, "stage_command", fake_command)
+    monkeypatch.setenv("FAKE_TRAIN_SECONDS", "1.0")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        def run_all(*overrides: str) -> Reproduction:
+            run = Reproduction(compose(config_name="reproduce", overrides=[
+                "budget=mini", f"work_dir={tmp_path}", "budget.parallel_stages=2", *overrides]))
+            run.pretrain()  # one stage: in this process
+            run.run_stages(run.finetune_stages())
+            return run
+
+        run = run_all()
+        assert trained_here == ["base"]
+        # The 10N fine-tunes first (they set the wall time), two at a time, each with its stage's own overrides.
+        assert started[:2] == ["ft_long", "pi_long"] and sorted(started) == ["ft", "ft_long", "pi", "pi_long"]
+        assert list(run.stages) == ["base", "pi", "ft", "ft_long", "pi_long"]  # the report's order, not the finishing order
+        for name in ("pi", "ft", "ft_long", "pi_long"):
+            stage = run.stages[name]
+            assert stage.summary["argv"] == [*stage.overrides, f"run_dir={run.run_dir(name)}"]
+            assert stage.seconds >= 1.0 and (run.run_dir(name) / "reproduce_stage.json").is_file()
+        spans = [(s.started, s.finished) for s in run.stages.values()]
+        most_at_once = max(sum(a < end and start < b for a, b in spans) for start, end in spans)
+        assert most_at_once == 2
+        # The total counts time the stages shared once: four 1 s runs, two at a time, in about 2 s (plus starts).
+        fine_tunes = sum(run.stages[n].seconds for n in ("pi", "ft", "ft_long", "pi_long"))
+        assert run.ran_at_once() and run.stages_wall_seconds() < run.stages["base"].seconds + fine_tunes - 1.5
+
+        started.clear()
+        again = run_all()
+        assert started == [] and all(stage.reused for stage in again.stages.values())
+        assert again.stages_wall_seconds() == pytest.approx(run.stages_wall_seconds())
+
+        # A failed stage: the others still finish (and are reused by the next call); the error names the stage,
+        # train.py's sentence and where its whole output is.
+        monkeypatch.setenv("FAIL_STAGE", "ft")
+        with pytest.raises(StageError, match=r"stage ft failed \(exit status 2: error: data.passkey_share=2 must be "
+                                             r"between 0 and 1.\); its output: .*ft/process.log"):
+            run_all("budget.finetune_lr=0.001")
+        monkeypatch.delenv("FAIL_STAGE")
+        started.clear()
+        run_all("budget.finetune_lr=0.001")
+        assert started == [] and trained_here == ["base", "ft"]  # one stage left to run: in this process
+
+
+def test_the_number_of_stages_at_once_is_checked_before_any_stage(tmp_path: Path) -> None:
+    from reproduction.pipeline import Reproduction
+    from training.config import ConfigError
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for value in ("0", "true", "2.5"):
+            cfg = compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}", f"budget.parallel_stages={value}"])
+            with pytest.raises(ConfigError, match="budget.parallel_stages=.* must be a whole number >= 1"):
+                Reproduction(cfg)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_finished_evaluation_is_reused_until_its_rows_or_their_runs_change(tmp_path: Path, monkeypatch) -> None:
     import evaluation.run
     import training.run
@@ -453,7 +545,7 @@ def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_de
     (bf16-mixed, chunked loss) and overrides (no activation checkpointing), the fused AdamW and bf16
     evaluation, on the mini budget's sizes and the CPU: the GPU's reproduction call should not be the first
     run of that path."""
-    args = ('budget=mini budget.trainer=gpu budget.dtype=bfloat16 budget.long_passkey_ablation=false '
+    args = ('budget=mini budget.trainer=gpu budget.dtype=bfloat16 budget.long_passkey_ablation=false budget.parallel_stages=4 '
             'budget.trainer_overrides=["trainer.accelerator=cpu","optim.fused=true","trainer.activation_checkpointing=none"]')
     out = tmp_path / "out"
     env = {**os.environ, "PI_LLAMA_CACHE": str(tmp_path / "cache"), "OUT": str(out), "TMPDIR": str(tmp_path),
@@ -491,6 +583,14 @@ def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_de
     for stage in ("base", "pi", "ft", "ft_long", "pi_long"):
         for record in ("summary.json", "reproduce_stage.json", "eval_by_step.json", "logs/metrics.csv"):
             assert (unpacked / "runs" / stage / record).is_file(), (stage, record)
+    # As budget=gpu does, the four fine-tunes ran side by side, each a train.py process whose output came back.
+    spans = []
+    for stage in ("pi", "ft", "ft_long", "pi_long"):
+        assert (unpacked / "runs" / stage / "process.log").stat().st_size > 0
+        record = json.loads((unpacked / "runs" / stage / "reproduce_stage.json").read_text())
+        spans.append((record["started"], record["finished"]))
+    assert max(start for start, _ in spans) < min(finish for _, finish in spans)  # all four were running at one moment
+    assert "Up to 4 fine-tunes ran at once" in text
     assert (unpacked / "eval" / "extensions" / "results.json").is_file()
     assert not (unpacked / "eval" / "from-an-earlier-call").exists()
     # The same call again (a cut run's second call): every stage and evaluation reused, all packed again.
