@@ -249,11 +249,13 @@ def _base_by_step_text(run: Any, budget: dict[str, Any]) -> str:
 
 def _at_once_text(run: Any) -> str:
     """Where stages overlapped in time, what their seconds mean."""
-    if not run.ran_at_once():
+    at_once = run.most_at_once()
+    if at_once < 2:
         return ""
-    return (f"\nUp to {run.parallel_stages} fine-tunes ran at once (`budget.parallel_stages`), each its own `train.py` "
-            "process on the same device: a stage's seconds are its own wall time, shared with the others; the "
-            f"stages took {run.stages_wall_seconds():.0f} s from the first start to the last finish.\n")
+    return (f"\nUp to {at_once} fine-tunes ran at once (`budget.parallel_stages`), each its own `train.py` process on "
+            "the same device: a stage's seconds are its own wall time, from its process's start (about 5 s of it "
+            "importing Lightning) to its end, shared with the others. Time they shared counts once in the total: "
+            f"the stages ran for {run.stages_wall_seconds():.0f} s.\n")
 
 
 def _early_stopping_text(run: Any) -> str:

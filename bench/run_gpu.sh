@@ -159,9 +159,11 @@ for i in "${!planned[@]}"; do
       # this call finished or reused has a record newer than the stamp (reproduce.py touches a reused one).
       rm -rf "$work/report"
       mkdir -p "$work" && touch "$work/call_started"
-      # budget=gpu trains its fine-tunes side by side, one process each; a card that takes one process at a
-      # time (compute mode Exclusive_Process) would refuse the second: there, one at a time.
-      mode=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n 1)
+      # budget=gpu trains its fine-tunes side by side, one process each, while reproduce.py holds the card too
+      # (it trained the base): a card that takes one process at a time (compute mode Exclusive_Process) would
+      # refuse them all. There, one at a time, in reproduce.py's own process.
+      mode=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null) || mode=""
+      mode=${mode%%$'\n'*}
       if [[ -n $mode && $mode != Default ]]; then
         echo "run_gpu.sh: compute mode $mode: the fine-tunes run one at a time"; reproduce_args+=(budget.parallel_stages=1)
       fi

@@ -1,7 +1,8 @@
 """The reproduction's stages: one RoPE base, its extensions to scale x L, and their evaluations.
 
 Every training stage is a `training.run.train` call on a config composed from conf/ (the same
-path as `python train.py ...`, whose overrides are logged), and every evaluation an
+path as `python train.py ...`, whose overrides are logged), or, where stages run side by side
+(budget.parallel_stages > 1), that `python train.py ...` command in a process of its own; every evaluation is an
 `evaluation.run.evaluate` call (the same as `python evaluate.py ...`). A finished stage is
 reused when its settings are unchanged, and so is a finished evaluation, so an interrupted
 reproduction picks up where it stopped.
@@ -10,14 +11,17 @@ reproduction picks up where it stopped.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +203,9 @@ class Reproduction:
         the other in this process. Either way a stage's record is written only once it finished.
         """
         for stage in stages:
+            later = [other.name for other in stages if f"init={self.checkpoint(other.name)}" in stage.overrides]
+            if later:  # a programming error, not a user's: one call's stages may run at once
+                raise ValueError(f"stage {stage.name} starts from {later[0]}, planned in the same call; run that one first")
             self.stages[stage.name] = stage  # the report lists stages in planned order, however they finish
         pending = [stage for stage in stages if not self._reuse(stage)]
         if self.parallel_stages > 1 and len(pending) > 1:
@@ -265,61 +272,86 @@ class Reproduction:
         the reproduction with the end of its output."""
         queue = sorted(stages, key=_steps, reverse=True)
         inputs = {stage.name: self._inputs(stage) for stage in stages}
-        # Each process gets its share of the cores: on a CPU, n runs at full thread count would oversubscribe.
-        threads = str(max(1, (os.cpu_count() or 1) // min(self.parallel_stages, len(stages))))
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-        running: dict[str, tuple[Stage, subprocess.Popen, Any]] = {}
+        if torch.cuda.is_available():
+            gc.collect()  # the base's trainer and module, trained in this process, hold its tensors until collected
+            torch.cuda.empty_cache()  # what they left cached here belongs to the new processes now
+        env = {**os.environ, "OMP_NUM_THREADS": str(_threads_each(min(self.parallel_stages, len(stages))))}
+        running: dict[str, tuple[Stage, subprocess.Popen]] = {}
         failed: list[str] = []
+        # Python's default SIGTERM ends this process at once and leaves the training processes running on
+        # (`timeout` signals them too, but they save a checkpoint first, and nothing would kill a hung one):
+        # raised as SystemExit here, it runs the `finally` that ends them. Only while they run: the base,
+        # trained in this process, keeps Lightning's own handler (a checkpoint, then exit).
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
         try:
             while queue or running:
                 while queue and len(running) < self.parallel_stages:
                     stage = queue.pop(0)
-                    run_dir = self._fresh_run_dir(stage)
-                    run_dir.mkdir(parents=True)
-                    output = (run_dir / "process.log").open("w")
-                    log.info("stage %s: %s run_dir=%s (its own process; output in %s)", stage.name, stage.command,
-                             run_dir, output.name)
-                    stage.started = time.time()
-                    running[stage.name] = (stage, subprocess.Popen(self.stage_command(stage), stdout=output,
-                                                                   stderr=subprocess.STDOUT, env=env), output)
+                    running[stage.name] = (stage, self._start_process(stage, env))
                 time.sleep(0.2)
-                for name, (stage, process, output) in list(running.items()):
+                for name, (stage, process) in list(running.items()):
                     if process.poll() is None:
                         continue
                     finished = time.time()
-                    output.close()
                     del running[name]
-                    if process.returncode == 0:
-                        self._finish(stage, inputs[name], finished)
-                    else:
-                        failed.append(f"stage {name} failed (exit status {process.returncode}: "
-                                      f"{_last_error(Path(output.name))}); its output: {output.name}")
-                        log.error("%s", failed[-1])
+                    error = self._collect(stage, process.returncode, inputs[name], finished)
+                    if error:
+                        failed.append(error)
+                        log.error("%s", error)
         finally:  # interrupted (SIGTERM, Ctrl-C) or an error here: no training process outlives the reproduction
-            for _, process, output in running.values():
+            for _, process in running.values():
                 process.terminate()
-            for _, process, output in running.values():
+            deadline = time.time() + 3  # inside `timeout -k 5`: a stage cut short has no record, its checkpoint is moot
+            for _, process in running.values():
                 try:
-                    process.wait(timeout=30)
+                    process.wait(timeout=max(0.1, deadline - time.time()))
                 except subprocess.TimeoutExpired:
                     process.kill()
-                output.close()
+                    process.wait()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if failed:
             raise StageError("; ".join(failed) + ". Fix it and run the same command again: finished stages are reused.")
 
+    def _start_process(self, stage: Stage, env: dict[str, str]) -> subprocess.Popen:
+        run_dir = self._fresh_run_dir(stage)
+        run_dir.mkdir(parents=True)
+        output = run_dir / "process.log"
+        log.info("stage %s: %s run_dir=%s (its own process; output in %s)", stage.name, stage.command, run_dir, output)
+        stage.started = time.time()
+        with output.open("w") as stream:  # the child holds its own descriptor; this one closes either way
+            return subprocess.Popen(self.stage_command(stage), stdout=stream, stderr=subprocess.STDOUT, env=env)
+
+    def _collect(self, stage: Stage, status: int, inputs: dict[str, str], finished: float) -> str | None:
+        """Record a stage whose process ended; the reason it failed, or None."""
+        output = self.run_dir(stage.name) / "process.log"
+        if status != 0:
+            return f"stage {stage.name} failed (exit status {status}: {_last_error(output)}); its output: {output}"
+        try:
+            self._finish(stage, inputs, finished)
+        except (OSError, ValueError) as error:  # ended well but left no readable summary.json
+            return f"stage {stage.name} ended without its summary ({error}); its output: {output}"
+        return None
+
+    def most_at_once(self) -> int:
+        """The most stages whose runs overlapped at one moment (this call's or an earlier one's)."""
+        events = sorted(event for s in self.stages.values() if s.started is not None and s.finished is not None
+                        for event in ((s.started, 1), (s.finished, -1)))  # an end sorts before a start at the same time
+        most = now = 0
+        for _, step in events:
+            now += step
+            most = max(most, now)
+        return most
+
     def stages_wall_seconds(self) -> float:
-        """Seconds the stages took from first start to last finish, time they ran at once counted once
-        (records from before start and finish times were kept count their own seconds)."""
+        """Seconds the stages ran, time that several of them ran at once counted once (records from before
+        start and finish times were kept count their own seconds)."""
         spans = sorted((s.started, s.finished) for s in self.stages.values() if s.started is not None and s.finished is not None)
         total, end = 0.0, float("-inf")
         for start, finish in spans:
             total += max(0.0, finish - max(start, end))
             end = max(end, finish)
         return total + sum(s.seconds for s in self.stages.values() if s.started is None or s.finished is None)
-
-    def ran_at_once(self) -> bool:
-        """Whether any two stages' runs overlapped in time (this call's or an earlier one's)."""
-        return self.stages_wall_seconds() < sum(s.seconds for s in self.stages.values()) - 1e-6
 
     @functools.cached_property
     def data(self) -> Any:
@@ -490,6 +522,23 @@ def evaluation_code() -> str:
         for source in sorted((root / package).rglob("*.py")):
             digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _threads_each(processes: int) -> int:
+    """CPU threads for each of `processes` training processes: their share of the cores this process may use
+    (on a CPU, n runs at full thread count would oversubscribe), and no more than OMP_NUM_THREADS asks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // processes)
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    return min(share, int(asked)) if asked.isdigit() and int(asked) > 0 else share
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signal handlers can be set only there
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _steps(stage: Stage) -> int:

@@ -353,27 +353,30 @@ def test_a_finished_stage_is_reused_until_its_settings_or_its_base_change(tmp_pa
 
 
 # Stands in for `python train.py OVERRIDES run_dir=DIR` in a stage's own process: writes what the pipeline reads
-# from a finished run after SECONDS, or fails as train.py does (one `error:` sentence, exit status 2) where
-# FAIL_STAGE names its run_dir.
+# from a finished run after FAKE_TRAIN_SECONDS, or fails at once as train.py does (one `error:` sentence, exit
+# status 2) where FAIL_STAGE names its run_dir. Its pid goes to run_dir/pid as it starts.
 FAKE_TRAIN = """
 import json, os, sys, time
 from pathlib import Path
 run_dir = Path(next(a for a in sys.argv[1:] if a.startswith("run_dir="))[len("run_dir="):])
-time.sleep(float(os.environ["FAKE_TRAIN_SECONDS"]))
+(run_dir / "pid").write_text(str(os.getpid()))
 if run_dir.name == os.environ.get("FAIL_STAGE"):
     print("error: data.passkey_share=2 must be between 0 and 1.", file=sys.stderr)
     sys.exit(2)
+time.sleep(float(os.environ["FAKE_TRAIN_SECONDS"]))
 (run_dir / "checkpoints").mkdir(parents=True)
 (run_dir / "checkpoints" / "last.ckpt").write_text("weights")
-(run_dir / "summary.json").write_text(json.dumps({"seq_len": 1024, "metrics": {}, "argv": sys.argv[1:]}))
+(run_dir / "summary.json").write_text(json.dumps({"seq_len": 1024, "metrics": {}, "argv": sys.argv[1:],
+                                                  "threads": os.environ["OMP_NUM_THREADS"]}))
 """
 
 
-def test_fine_tunes_run_side_by_side_in_their_own_processes_and_a_failed_one_stops_the_run(tmp_path: Path, monkeypatch) -> None:
+def _fake_stages(monkeypatch) -> tuple[list[str], list[str]]:
+    """Stages run in this process and in their own (FAKE_TRAIN) processes, by name, as they start."""
     import training.run
-    from reproduction.pipeline import Reproduction, StageError
+    from reproduction.pipeline import Reproduction
 
-    trained_here = []
+    trained_here, started = [], []
 
     def fake_train(cfg):  # a stage run in this process
         run_dir = Path(cfg.run_dir)
@@ -382,15 +385,21 @@ def test_fine_tunes_run_side_by_side_in_their_own_processes_and_a_failed_one_sto
         (run_dir / "summary.json").write_text(json.dumps({"seq_len": 128, "metrics": {}}))
         trained_here.append(run_dir.name)
 
-    monkeypatch.setattr(training.run, "train", fake_train)
-    started = []
-
     def fake_command(self, stage):
         started.append(stage.name)
         return [sys.executable, "-c", FAKE_TRAIN, *stage.overrides, f"run_dir={self.run_dir(stage.name)}"]
 
+    monkeypatch.setattr(training.run, "train", fake_train)
     monkeypatch.setattr(Reproduction, "stage_command", fake_command)
+    return trained_here, started
+
+
+def test_fine_tunes_run_side_by_side_in_their_own_processes_and_a_failed_one_stops_the_run(tmp_path: Path, monkeypatch) -> None:
+    from reproduction.pipeline import Reproduction, StageError
+
+    trained_here, started = _fake_stages(monkeypatch)
     monkeypatch.setenv("FAKE_TRAIN_SECONDS", "1.0")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         def run_all(*overrides: str) -> Reproduction:
             run = Reproduction(compose(config_name="reproduce", overrides=[
@@ -401,35 +410,89 @@ def test_fine_tunes_run_side_by_side_in_their_own_processes_and_a_failed_one_sto
 
         run = run_all()
         assert trained_here == ["base"]
-        # The 10N fine-tunes first (they set the wall time), two at a time, each with its stage's own overrides.
+        # The 10N fine-tunes first (they set the wall time), two at a time, each with its stage's own overrides
+        # and half of the cores this process may use.
         assert started[:2] == ["ft_long", "pi_long"] and sorted(started) == ["ft", "ft_long", "pi", "pi_long"]
         assert list(run.stages) == ["base", "pi", "ft", "ft_long", "pi_long"]  # the report's order, not the finishing order
         for name in ("pi", "ft", "ft_long", "pi_long"):
             stage = run.stages[name]
             assert stage.summary["argv"] == [*stage.overrides, f"run_dir={run.run_dir(name)}"]
+            assert stage.summary["threads"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
             assert stage.seconds >= 1.0 and (run.run_dir(name) / "reproduce_stage.json").is_file()
-        spans = [(s.started, s.finished) for s in run.stages.values()]
-        most_at_once = max(sum(a < end and start < b for a, b in spans) for start, end in spans)
-        assert most_at_once == 2
+        # Never more than two at once, and two at some moment: a sweep over the starts and ends.
+        events = sorted(e for s in run.stages.values() for e in ((s.started, 1), (s.finished, -1)))
+        at_once = [sum(step for _, step in events[: i + 1]) for i in range(len(events))]
+        assert max(at_once) == 2 == run.most_at_once()
         # The total counts time the stages shared once: four 1 s runs, two at a time, in about 2 s (plus starts).
         fine_tunes = sum(run.stages[n].seconds for n in ("pi", "ft", "ft_long", "pi_long"))
-        assert run.ran_at_once() and run.stages_wall_seconds() < run.stages["base"].seconds + fine_tunes - 1.5
+        assert run.stages_wall_seconds() < run.stages["base"].seconds + fine_tunes - 1.5
 
         started.clear()
         again = run_all()
         assert started == [] and all(stage.reused for stage in again.stages.values())
-        assert again.stages_wall_seconds() == pytest.approx(run.stages_wall_seconds())
+        assert again.stages_wall_seconds() == pytest.approx(run.stages_wall_seconds()) and again.most_at_once() == 2
 
-        # A failed stage: the others still finish (and are reused by the next call); the error names the stage,
-        # train.py's sentence and where its whole output is.
-        monkeypatch.setenv("FAIL_STAGE", "ft")
-        with pytest.raises(StageError, match=r"stage ft failed \(exit status 2: error: data.passkey_share=2 must be "
-                                             r"between 0 and 1.\); its output: .*ft/process.log"):
+        # One of the first two fails at once: the other, and the two still queued, run to the end and are reused by
+        # the next call; the error names the stage, train.py's sentence and where its whole output is.
+        monkeypatch.setenv("FAIL_STAGE", "ft_long")
+        started.clear()
+        with pytest.raises(StageError, match=r"stage ft_long failed \(exit status 2: error: data.passkey_share=2 must be "
+                                             r"between 0 and 1.\); its output: .*ft_long/process.log"):
             run_all("budget.finetune_lr=0.001")
+        assert sorted(started) == ["ft", "ft_long", "pi", "pi_long"]
         monkeypatch.delenv("FAIL_STAGE")
         started.clear()
         run_all("budget.finetune_lr=0.001")
-        assert started == [] and trained_here == ["base", "ft"]  # one stage left to run: in this process
+        assert started == [] and trained_here == ["base", "ft_long"]  # one stage left to run: in this process
+
+
+# Runs the stages as the test above does, in a process of its own that the test then ends with SIGTERM.
+INTERRUPTED_REPRODUCTION = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import pytest
+from hydra import compose, initialize_config_dir
+from reproduction.pipeline import Reproduction
+from test_reproduce import _fake_stages
+
+with pytest.MonkeyPatch.context() as monkeypatch:
+    _fake_stages(monkeypatch)
+    with initialize_config_dir(config_dir=sys.argv[1] + "/conf", version_base="1.3"):
+        run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", "work_dir=" + sys.argv[2],
+                                                                       "budget.parallel_stages=4"]))
+        run.pretrain()
+        run.run_stages(run.finetune_stages())
+"""
+
+
+def test_a_sigterm_ends_the_training_processes_with_the_reproduction(tmp_path: Path) -> None:
+    """`timeout` (bench/run_gpu.sh) or a scheduler stops the reproduction: no training process may run on."""
+    import signal
+    import time
+
+    env = {**os.environ, "FAKE_TRAIN_SECONDS": "120"}
+    parent = subprocess.Popen([sys.executable, "-c", INTERRUPTED_REPRODUCTION, str(REPO), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid_files = [tmp_path / "runs" / name / "pid" for name in ("pi", "ft", "ft_long", "pi_long")]
+    deadline = time.time() + 60
+    while not all(f.is_file() and f.read_text() for f in pid_files) and parent.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert parent.poll() is None, parent.communicate()[0][-3000:]
+    children = [int(f.read_text()) for f in pid_files]
+    try:
+        parent.send_signal(signal.SIGTERM)  # to the reproduction alone, not its process group
+        output = parent.communicate(timeout=30)[0]
+        assert parent.returncode == 128 + signal.SIGTERM, output[-3000:]
+        for pid in children:
+            with pytest.raises(ProcessLookupError):  # ended and reaped by the reproduction
+                os.kill(pid, 0)
+    finally:  # where the test fails: no sleeping stand-in outlives it
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not any((tmp_path / "runs" / name / "reproduce_stage.json").exists() for name in ("pi", "ft", "ft_long", "pi_long"))
 
 
 def test_the_number_of_stages_at_once_is_checked_before_any_stage(tmp_path: Path) -> None:
