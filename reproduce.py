@@ -140,7 +140,7 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: 
         if base_figures:
             figures["base_qk"] = report.copy_figure(eval_dir / "attention" / base_figures[0], out / "figure2_base_qk.png")
         stage_rows = [[s.name, s.title, f"`{s.command}`", f"{run.tokens_seen(s.name) / 1e6:.2f}M ({run.tokens_seen(s.name) / corpus:.2f})",
-                       f"{s.seconds:.0f}" + (" (reused)" if s.reused else ""),
+                       f"{s.seconds:.0f}" + (" (reused)" if s.reused else "") + _resumed_text(s),
                        f"{tables.format_ppl(_val_ppl(s.summary))} at {s.summary['seq_len']}"] for s in stages.values()]
         verdicts = ", ".join(f"claim {c.number} {c.verdict}" for c in claims)
         text = f"""# Position Interpolation, reproduced at small scale ({budget['name']})
@@ -245,6 +245,13 @@ def _base_by_step_text(run: Any, budget: dict[str, Any]) -> str:
             f"every {budget['pretrain_eval_every_n_steps']} steps: when the base learns to retrieve, and whether its "
             "perplexity has stopped falling before the last step.\n\n"
             + report.by_step_section({run.stages["base"].title: rows}, [run.window], run.window) + "\n\n")
+
+
+def _resumed_text(stage: Any) -> str:
+    """A stage that was cut and continued from its last checkpoint (its seconds count the work kept)."""
+    if not stage.resumed_at:
+        return ""
+    return f" (cut, continued from step {', then '.join(map(str, stage.resumed_at))})"
 
 
 def _at_once_text(run: Any) -> str:

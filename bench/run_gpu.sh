@@ -23,7 +23,8 @@
 # then) train side by side, one train.py process each (budget.parallel_stages; their output comes back as
 # runs/STAGE/process.log); it may fit. When a call is cut, make the same
 # call again at once, while the machine is warm (it is released after 30 s idle): the second call reuses
-# the finished stages and evaluations (one cut midway starts over) and the wheels the first call installed.
+# the finished stages and evaluations, continues a stage cut midway from its last checkpoint (every 100
+# steps; an evaluation cut midway starts over) and uses the wheels the first call installed.
 # The step `ops` (bench/ops_per_step.py, about 20 s) measures what turning checkpointing off saves:
 # `bash bench/run_gpu.sh ops reproduce`. Then, here
 # (a new folder: results/reproduction-gpu holds the committed H100 report that README cites):

@@ -70,7 +70,9 @@ class ExtensionEvalCallback(Callback):
     # -- hooks --------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_start:  # step 0: the paper's "PI without fine-tuning" column
+        # Step 0: the paper's "PI without fine-tuning" column. A run resumed from a checkpoint between two
+        # evaluations starts at that step: it gets no row of its own there, the table stays on its grid.
+        if self.at_start and trainer.global_step == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -5,7 +5,7 @@ path as `python train.py ...`, whose overrides are logged), or, where stages run
 (budget.parallel_stages > 1), that `python train.py ...` command in a process of its own; every evaluation is an
 `evaluation.run.evaluate` call (the same as `python evaluate.py ...`). A finished stage is
 reused when its settings are unchanged, and so is a finished evaluation, so an interrupted
-reproduction picks up where it stopped.
+reproduction picks up where it stopped; a stage cut midway continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ class Stage:
     seconds: float = 0.0
     reused: bool = False
     summary: dict[str, Any] = field(default_factory=dict)
-    # When it ran (epoch seconds), also for a reused stage: stages that ran at once overlap, and the
-    # report's total counts their shared time once. None for a record written before this was kept.
-    started: float | None = None
-    finished: float | None = None
+    # When it ran, as (start, end) epoch seconds: one span, or one per part of a run that was cut and
+    # continued (a cut part up to its last checkpoint, the work kept). Stages that ran at once overlap, and
+    # the report's total counts their shared time once. Empty for a record written before this was kept.
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)  # the steps it was continued from, when it was cut
 
     @property
     def command(self) -> str:
@@ -73,6 +74,9 @@ class Stage:
 
 def _quote(override: str) -> str:
     return f"'{override}'" if any(c in override for c in "[]{}, ") else override
+
+
+STAGE_PLAN = "reproduce_stage.plan.json"  # written as a stage starts: the settings of the run in its folder
 
 
 class StageError(RuntimeError):
@@ -233,38 +237,67 @@ class Reproduction:
             return False
         log.info("stage %s: reusing the finished run in %s", stage.name, self.run_dir(stage.name))
         stage.seconds, stage.reused, stage.summary = saved["seconds"], True, saved["summary"]
-        stage.started, stage.finished = saved.get("started"), saved.get("finished")
+        stage.spans = [(float(a), float(b)) for a, b in saved.get("spans", [])]
+        stage.resumed_at = list(saved.get("resumed_at", []))
         return True
 
-    def _fresh_run_dir(self, stage: Stage) -> Path:
-        run_dir = self.run_dir(stage.name)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # an unfinished or differently configured run: start it over
-        return run_dir
+    def _begin(self, stage: Stage, inputs: dict[str, str]) -> tuple[list[str], float]:
+        """Prepare a stage's run_dir; returns the overrides to add to its own and when it started.
+
+        A run of the stage with the same settings and inputs that was cut (a device call's time limit, a
+        crash) continues from its last.ckpt, written every trainer.checkpoint_every_n_steps steps (a resume
+        is exact: tests/test_faults.py); anything else starts over in an empty run_dir. The plan record says
+        what the run in the folder was started with.
+        """
+        from training.faults import checkpoint_step  # noqa: PLC0415
+
+        run_dir, last = self.run_dir(stage.name), self.checkpoint(stage.name)
+        plan = _read_record(run_dir / STAGE_PLAN) if self.cfg.reuse else None
+        same = plan is not None and plan.get("overrides") == stage.overrides and plan.get("inputs") == inputs
+        step = checkpoint_step(last) if same and last.is_file() else None
+        extra: list[str] = []
+        if step is not None and 0 < step < _steps(stage):
+            assert plan is not None
+            cut_at = last.stat().st_mtime  # the interrupted part's work up to this checkpoint is kept
+            stage.spans = [(float(a), float(b)) for a, b in plan.get("spans", [])]
+            stage.spans += [(float(plan["started"]), cut_at)] if cut_at > float(plan["started"]) else []
+            stage.resumed_at = [*plan.get("resumed_at", []), step]
+            extra = [f"resume={last}"]
+            log.info("stage %s: continuing its interrupted run from step %d of %d (%s)", stage.name, step, _steps(stage), last)
+        else:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # no run with these settings to continue: start it over
+            run_dir.mkdir(parents=True)
+            stage.spans, stage.resumed_at = [], []
+        started = time.time()
+        _write_record(run_dir / STAGE_PLAN, {"overrides": stage.overrides, "inputs": inputs, "spans": stage.spans,
+                                             "resumed_at": stage.resumed_at, "started": started})
+        return extra, started
 
     def _train_here(self, stage: Stage) -> None:
         from training.run import train  # noqa: PLC0415 (Lightning loads only when a stage runs)
 
-        inputs, run_dir = self._inputs(stage), self._fresh_run_dir(stage)
-        log.info("stage %s: %s run_dir=%s", stage.name, stage.command, run_dir)
-        stage.started = time.time()
-        train(compose(config_name="config", overrides=[*stage.overrides, f"run_dir={run_dir}"]))
-        self._finish(stage, inputs, time.time())
+        inputs = self._inputs(stage)
+        extra, started = self._begin(stage, inputs)
+        log.info("stage %s: %s run_dir=%s", stage.name, stage.command, self.run_dir(stage.name))
+        train(compose(config_name="config", overrides=[*stage.overrides, f"run_dir={self.run_dir(stage.name)}", *extra]))
+        self._finish(stage, inputs, started, time.time())
 
-    def _finish(self, stage: Stage, inputs: dict[str, str], finished: float) -> None:
-        assert stage.started is not None
-        stage.finished, stage.seconds = finished, finished - stage.started
+    def _finish(self, stage: Stage, inputs: dict[str, str], started: float, finished: float) -> None:
+        stage.spans = [*stage.spans, (started, finished)]
+        stage.seconds = sum(end - start for start, end in stage.spans)
         stage.summary = json.loads((self.run_dir(stage.name) / "summary.json").read_text())
         # Written last: its presence means the stage finished.
         _write_record(self.run_dir(stage.name) / "reproduce_stage.json", {
             "overrides": stage.overrides, "inputs": inputs, "seconds": stage.seconds, "summary": stage.summary,
-            "started": stage.started, "finished": stage.finished})
+            "spans": stage.spans, "resumed_at": stage.resumed_at})
         log.info("stage %s done in %.0f s (%s)", stage.name, stage.seconds, self.checkpoint(stage.name))
 
-    def stage_command(self, stage: Stage) -> list[str]:
-        """The process that trains a stage when stages run at once: train.py with the stage's overrides."""
+    def stage_command(self, stage: Stage, extra: list[str]) -> list[str]:
+        """The process that trains a stage when stages run at once: train.py with the stage's overrides
+        (and `extra`: resume=... when it continues a run that was cut)."""
         return [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), *stage.overrides,
-                f"run_dir={self.run_dir(stage.name)}"]
+                f"run_dir={self.run_dir(stage.name)}", *extra]
 
     def _train_in_processes(self, stages: list[Stage]) -> None:
         """Up to budget.parallel_stages `train.py` processes at once, the longest stages first (they set the
@@ -276,7 +309,7 @@ class Reproduction:
             gc.collect()  # the base's trainer and module, trained in this process, hold its tensors until collected
             torch.cuda.empty_cache()  # what they left cached here belongs to the new processes now
         env = {**os.environ, "OMP_NUM_THREADS": str(_threads_each(min(self.parallel_stages, len(stages))))}
-        running: dict[str, tuple[Stage, subprocess.Popen]] = {}
+        running: dict[str, tuple[Stage, subprocess.Popen, float]] = {}
         failed: list[str] = []
         # Python's default SIGTERM ends this process at once and leaves the training processes running on
         # (`timeout` signals them too, but they save a checkpoint first, and nothing would kill a hung one):
@@ -287,22 +320,24 @@ class Reproduction:
             while queue or running:
                 while queue and len(running) < self.parallel_stages:
                     stage = queue.pop(0)
-                    running[stage.name] = (stage, self._start_process(stage, env))
+                    running[stage.name] = (stage, *self._start_process(stage, inputs[stage.name], env))
                 time.sleep(0.2)
-                for name, (stage, process) in list(running.items()):
+                for name, (stage, process, started) in list(running.items()):
                     if process.poll() is None:
                         continue
                     finished = time.time()
                     del running[name]
-                    error = self._collect(stage, process.returncode, inputs[name], finished)
+                    error = self._collect(stage, process.returncode, inputs[name], started, finished)
                     if error:
                         failed.append(error)
                         log.error("%s", error)
         finally:  # interrupted (SIGTERM, Ctrl-C) or an error here: no training process outlives the reproduction
-            for _, process in running.values():
+            for _, process, _ in running.values():
                 process.terminate()
-            deadline = time.time() + 3  # inside `timeout -k 5`: a stage cut short has no record, its checkpoint is moot
-            for _, process in running.values():
+            # Inside `timeout -k 5`. A stage cut here continues from its last periodic checkpoint next time (the
+            # one its own SIGTERM handler writes may not finish: the write is atomic, the older one stays).
+            deadline = time.time() + 3
+            for _, process, _ in running.values():
                 try:
                     process.wait(timeout=max(0.1, deadline - time.time()))
                 except subprocess.TimeoutExpired:
@@ -313,30 +348,30 @@ class Reproduction:
         if failed:
             raise StageError("; ".join(failed) + ". Fix it and run the same command again: finished stages are reused.")
 
-    def _start_process(self, stage: Stage, env: dict[str, str]) -> subprocess.Popen:
-        run_dir = self._fresh_run_dir(stage)
-        run_dir.mkdir(parents=True)
-        output = run_dir / "process.log"
-        log.info("stage %s: %s run_dir=%s (its own process; output in %s)", stage.name, stage.command, run_dir, output)
-        stage.started = time.time()
-        with output.open("w") as stream:  # the child holds its own descriptor; this one closes either way
-            return subprocess.Popen(self.stage_command(stage), stdout=stream, stderr=subprocess.STDOUT, env=env)
+    def _start_process(self, stage: Stage, inputs: dict[str, str], env: dict[str, str]) -> tuple[subprocess.Popen, float]:
+        extra, started = self._begin(stage, inputs)
+        output = self.run_dir(stage.name) / "process.log"
+        log.info("stage %s: %s run_dir=%s (its own process; output in %s)", stage.name, stage.command,
+                 self.run_dir(stage.name), output)
+        with output.open("a") as stream:  # the child holds its own descriptor; this one closes either way
+            process = subprocess.Popen(self.stage_command(stage, extra), stdout=stream, stderr=subprocess.STDOUT, env=env)
+        return process, started
 
-    def _collect(self, stage: Stage, status: int, inputs: dict[str, str], finished: float) -> str | None:
+    def _collect(self, stage: Stage, status: int, inputs: dict[str, str], started: float, finished: float) -> str | None:
         """Record a stage whose process ended; the reason it failed, or None."""
         output = self.run_dir(stage.name) / "process.log"
         if status != 0:
             return f"stage {stage.name} failed (exit status {status}: {_last_error(output)}); its output: {output}"
         try:
-            self._finish(stage, inputs, finished)
+            self._finish(stage, inputs, started, finished)
         except (OSError, ValueError) as error:  # ended well but left no readable summary.json
             return f"stage {stage.name} ended without its summary ({error}); its output: {output}"
         return None
 
     def most_at_once(self) -> int:
         """The most stages whose runs overlapped at one moment (this call's or an earlier one's)."""
-        events = sorted(event for s in self.stages.values() if s.started is not None and s.finished is not None
-                        for event in ((s.started, 1), (s.finished, -1)))  # an end sorts before a start at the same time
+        events = sorted(event for s in self.stages.values() for start, end in s.spans
+                        for event in ((start, 1), (end, -1)))  # an end sorts before a start at the same time
         most = now = 0
         for _, step in events:
             now += step
@@ -346,12 +381,12 @@ class Reproduction:
     def stages_wall_seconds(self) -> float:
         """Seconds the stages ran, time that several of them ran at once counted once (records from before
         start and finish times were kept count their own seconds)."""
-        spans = sorted((s.started, s.finished) for s in self.stages.values() if s.started is not None and s.finished is not None)
+        spans = sorted(span for s in self.stages.values() for span in s.spans)
         total, end = 0.0, float("-inf")
         for start, finish in spans:
             total += max(0.0, finish - max(start, end))
             end = max(end, finish)
-        return total + sum(s.seconds for s in self.stages.values() if s.started is None or s.finished is None)
+        return total + sum(s.seconds for s in self.stages.values() if not s.spans)
 
     @functools.cached_property
     def data(self) -> Any:

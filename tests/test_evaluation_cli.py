@@ -383,6 +383,23 @@ def test_callback_logs_and_writes_rows_every_n_steps(tmp_path, tokenizer):  # no
     assert model.training  # handed back in training mode
 
 
+def test_a_run_resumed_between_two_evaluations_keeps_the_rows_on_their_grid(tmp_path, tokenizer):  # noqa: F811
+    """A run cut after a periodic checkpoint (step 3) and resumed from it: rows at 0, 2, 4, none at 3."""
+    def fit(max_steps: int, ckpt_path: str | None = None) -> ExtensionEvalCallback:
+        model = tiny_model({"kind": "pi", "scale": 8.0}, vocab_size=VOCAB)
+        callback = ExtensionEvalCallback(every_n_steps=2, windows=[32], max_documents=1, max_tokens_per_document=64,
+                                         passkey_trials=0)
+        every_3 = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="step{step}", every_n_train_steps=3,
+                                                      save_top_k=-1, auto_insert_metric_name=False)
+        trainer = L.Trainer(max_steps=max_steps, callbacks=[callback, every_3], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu")
+        trainer.fit(_Module(model.train()), datamodule=_Data(tokenizer), ckpt_path=ckpt_path)
+        return callback
+
+    assert [row["step"] for row in fit(3).rows] == [0, 2, 3]  # the cut run's last row comes after its checkpoint
+    assert [row["step"] for row in fit(4, str(tmp_path / "step3.ckpt")).rows] == [0, 2, 4]
+
+
 def test_callback_skips_a_passkey_that_does_not_fit_and_clamps_the_stride(tokenizer):  # noqa: F811
     model = tiny_model(vocab_size=VOCAB)  # window 32: too short for the passkey prompt
     callback = ExtensionEvalCallback(windows=[16, 32], max_documents=1, passkey_trials=1)

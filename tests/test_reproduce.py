@@ -353,18 +353,21 @@ def test_a_finished_stage_is_reused_until_its_settings_or_its_base_change(tmp_pa
 
 
 # Stands in for `python train.py OVERRIDES run_dir=DIR` in a stage's own process: writes what the pipeline reads
-# from a finished run after FAKE_TRAIN_SECONDS, or fails at once as train.py does (one `error:` sentence, exit
-# status 2) where FAIL_STAGE names its run_dir. Its pid goes to run_dir/pid as it starts.
+# from a finished run after FAKE_TRAIN_SECONDS, or, where FAIL_STAGES names its run_dir, writes a checkpoint
+# "at step 2" and fails at once as train.py does (one `error:` sentence, exit status 2). Its pid goes to
+# run_dir/pid as it starts.
 FAKE_TRAIN = """
 import json, os, sys, time
 from pathlib import Path
 run_dir = Path(next(a for a in sys.argv[1:] if a.startswith("run_dir="))[len("run_dir="):])
 (run_dir / "pid").write_text(str(os.getpid()))
-if run_dir.name == os.environ.get("FAIL_STAGE"):
+if run_dir.name in os.environ.get("FAIL_STAGES", "").split(","):
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_text("2")
     print("error: data.passkey_share=2 must be between 0 and 1.", file=sys.stderr)
     sys.exit(2)
 time.sleep(float(os.environ["FAKE_TRAIN_SECONDS"]))
-(run_dir / "checkpoints").mkdir(parents=True)
+(run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 (run_dir / "checkpoints" / "last.ckpt").write_text("weights")
 (run_dir / "summary.json").write_text(json.dumps({"seq_len": 1024, "metrics": {}, "argv": sys.argv[1:],
                                                   "threads": os.environ["OMP_NUM_THREADS"]}))
@@ -385,9 +388,9 @@ def _fake_stages(monkeypatch) -> tuple[list[str], list[str]]:
         (run_dir / "summary.json").write_text(json.dumps({"seq_len": 128, "metrics": {}}))
         trained_here.append(run_dir.name)
 
-    def fake_command(self, stage):
+    def fake_command(self, stage, extra):
         started.append(stage.name)
-        return [sys.executable, "-c", FAKE_TRAIN, *stage.overrides, f"run_dir={self.run_dir(stage.name)}"]
+        return [sys.executable, "-c", FAKE_TRAIN, *stage.overrides, f"run_dir={self.run_dir(stage.name)}", *extra]
 
     monkeypatch.setattr(training.run, "train", fake_train)
     monkeypatch.setattr(Reproduction, "stage_command", fake_command)
@@ -420,7 +423,7 @@ def test_fine_tunes_run_side_by_side_in_their_own_processes_and_a_failed_one_sto
             assert stage.summary["threads"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
             assert stage.seconds >= 1.0 and (run.run_dir(name) / "reproduce_stage.json").is_file()
         # Never more than two at once, and two at some moment: a sweep over the starts and ends.
-        events = sorted(e for s in run.stages.values() for e in ((s.started, 1), (s.finished, -1)))
+        events = sorted(e for s in run.stages.values() for a, b in s.spans for e in ((a, 1), (b, -1)))
         at_once = [sum(step for _, step in events[: i + 1]) for i in range(len(events))]
         assert max(at_once) == 2 == run.most_at_once()
         # The total counts time the stages shared once: four 1 s runs, two at a time, in about 2 s (plus starts).
@@ -434,16 +437,105 @@ def test_fine_tunes_run_side_by_side_in_their_own_processes_and_a_failed_one_sto
 
         # One of the first two fails at once: the other, and the two still queued, run to the end and are reused by
         # the next call; the error names the stage, train.py's sentence and where its whole output is.
-        monkeypatch.setenv("FAIL_STAGE", "ft_long")
+        monkeypatch.setenv("FAIL_STAGES", "ft_long")
         started.clear()
         with pytest.raises(StageError, match=r"stage ft_long failed \(exit status 2: error: data.passkey_share=2 must be "
                                              r"between 0 and 1.\); its output: .*ft_long/process.log"):
             run_all("budget.finetune_lr=0.001")
         assert sorted(started) == ["ft", "ft_long", "pi", "pi_long"]
-        monkeypatch.delenv("FAIL_STAGE")
+        monkeypatch.delenv("FAIL_STAGES")
         started.clear()
         run_all("budget.finetune_lr=0.001")
         assert started == [] and trained_here == ["base", "ft_long"]  # one stage left to run: in this process
+
+        # Two stages cut after a checkpoint: the next call continues both, side by side, from it.
+        monkeypatch.setattr("training.faults.checkpoint_step", lambda path: int(Path(path).read_text()))
+        monkeypatch.setenv("FAIL_STAGES", "pi,ft")
+        with pytest.raises(StageError, match="stage pi failed .* stage ft failed"):
+            run_all("budget.finetune_lr=0.002")
+        monkeypatch.delenv("FAIL_STAGES")
+        started.clear()
+        run = run_all("budget.finetune_lr=0.002")
+        assert sorted(started) == ["ft", "pi"]
+        for name in ("ft", "pi"):
+            assert run.stages[name].summary["argv"][-1] == f"resume={run.checkpoint(name)}"
+            assert run.stages[name].resumed_at == [2]
+            assert "error: data.passkey_share=2" in (run.run_dir(name) / "process.log").read_text()  # both parts' output
+
+
+def test_a_stage_cut_midway_continues_from_its_last_checkpoint_while_its_settings_are_unchanged(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    import training.faults
+    import training.run
+    from reproduction.pipeline import Reproduction
+
+    class Cut(Exception):
+        """The device call's time limit, a crash: the run stops after a periodic checkpoint."""
+
+    calls: list[tuple[str, str | None]] = []
+    cut_at: dict[str, int] = {}  # stage -> the step of its last checkpoint before the cut
+
+    def fake_train(cfg):  # the step is the checkpoint's text
+        run_dir = Path(cfg.run_dir)
+        calls.append((run_dir.name, cfg.resume))
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        time.sleep(0.05)  # file times are coarser than time.time(): the checkpoint comes after the start
+        if run_dir.name in cut_at:
+            (run_dir / "checkpoints" / "last.ckpt").write_text(str(cut_at.pop(run_dir.name)))
+            raise Cut
+        (run_dir / "checkpoints" / "last.ckpt").write_text("4")
+        (run_dir / "summary.json").write_text(json.dumps({"seq_len": 1024, "metrics": {}}))
+
+    monkeypatch.setattr(training.run, "train", fake_train)
+    monkeypatch.setattr(training.faults, "checkpoint_step", lambda path: int(Path(path).read_text()))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        def fine_tune(*overrides: str):
+            run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}", *overrides]))
+            run.pretrain()
+            return run.finetune("pi", "PI", "pi", 4, 2)  # 4 steps
+
+        cut_at["pi"] = 2
+        with pytest.raises(Cut):
+            fine_tune()
+        last = str(tmp_path / "runs" / "pi" / "checkpoints" / "last.ckpt")
+        stage = fine_tune()  # the same settings: on from step 2
+        assert calls[-1] == ("pi", last) and stage.resumed_at == [2] and not stage.reused
+        # Its time: the cut part up to its checkpoint, and the part that finished it.
+        assert len(stage.spans) == 2 and stage.seconds == pytest.approx(sum(b - a for a, b in stage.spans))
+        assert stage.spans[0][1] <= stage.spans[1][0]
+        again = fine_tune()
+        assert again.reused and again.resumed_at == [2] and again.spans == stage.spans
+
+        # Cut twice: both steps are recorded.
+        cut_at["pi"] = 1
+        with pytest.raises(Cut):
+            fine_tune("budget.finetune_lr=0.001")
+        assert calls[-1] == ("pi", None)  # new settings: from the start
+        cut_at["pi"] = 3
+        with pytest.raises(Cut):
+            fine_tune("budget.finetune_lr=0.001")
+        assert fine_tune("budget.finetune_lr=0.001").resumed_at == [1, 3] and calls[-1] == ("pi", last)
+
+        # Starts over: a cut run with other settings, a new base, a checkpoint at the last step or at step 0,
+        # and reuse=false.
+        for change, step in (("budget.finetune_lr=0.002", 2), ("budget.finetune_lr=0.003", 4),
+                             ("budget.finetune_lr=0.004", 0)):
+            cut_at["pi"] = step
+            with pytest.raises(Cut):
+                fine_tune(change)
+            fine_tune("budget.finetune_lr=0.005" if step == 2 else change)
+            assert calls[-1] == ("pi", None)
+        cut_at["pi"] = 2
+        with pytest.raises(Cut):
+            fine_tune("budget.finetune_lr=0.006")
+        fine_tune("budget.finetune_lr=0.006", "budget.pretrain_steps=31")  # a new base
+        assert calls[-2:] == [("base", None), ("pi", None)]
+        cut_at["pi"] = 2
+        with pytest.raises(Cut):
+            fine_tune("budget.finetune_lr=0.007")
+        fine_tune("budget.finetune_lr=0.007", "reuse=false")
+        assert calls[-1] == ("pi", None)
 
 
 # Runs the stages as the test above does, in a process of its own that the test then ends with SIGTERM.
