@@ -248,10 +248,12 @@ def _base_by_step_text(run: Any, budget: dict[str, Any]) -> str:
 
 
 def _resumed_text(stage: Any) -> str:
-    """A stage that was cut and continued from its last checkpoint (its seconds count the work kept)."""
+    """A stage that was cut and continued from its last checkpoint: its seconds count the work kept, and its
+    summary's training perplexity (an epoch aggregate, not in the checkpoint) only the steps after the last cut."""
     if not stage.resumed_at:
         return ""
-    return f" (cut, continued from step {', then '.join(map(str, stage.resumed_at))})"
+    return (f" (cut, continued from step {', then '.join(map(str, stage.resumed_at))}; its training ppl covers the "
+            "steps since)")
 
 
 def _at_once_text(run: Any) -> str:
@@ -261,7 +263,7 @@ def _at_once_text(run: Any) -> str:
         return ""
     return (f"\nUp to {at_once} fine-tunes ran at once (`budget.parallel_stages`), each its own `train.py` process on "
             "the same device: a stage's seconds are its own wall time, from its process's start (about 5 s of it "
-            "importing Lightning) to its end, shared with the others. Time they shared counts once in the total: "
+            "importing Lightning) to its end (for a stage cut and continued, the work kept), shared with the others. Time they shared counts once in the total: "
             f"the stages ran for {run.stages_wall_seconds():.0f} s.\n")
 
 

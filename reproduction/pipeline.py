@@ -254,7 +254,7 @@ class Reproduction:
         run_dir, last = self.run_dir(stage.name), self.checkpoint(stage.name)
         plan = _read_record(run_dir / STAGE_PLAN) if self.cfg.reuse else None
         same = plan is not None and plan.get("overrides") == stage.overrides and plan.get("inputs") == inputs
-        step = checkpoint_step(last) if same and last.is_file() else None
+        step = checkpoint_step(last) if same and last.exists() else None  # a folder under trainer=fsdp
         extra: list[str] = []
         if step is not None and 0 < step < _steps(stage):
             assert plan is not None
@@ -361,7 +361,11 @@ class Reproduction:
         """Record a stage whose process ended; the reason it failed, or None."""
         output = self.run_dir(stage.name) / "process.log"
         if status != 0:
-            return f"stage {stage.name} failed (exit status {status}: {_last_error(output)}); its output: {output}"
+            # A continued run that fails each time (e.g. a checkpoint this code cannot read) is retried from the
+            # same checkpoint by the next call: say how to start the stage over.
+            again = (f"; it continued from step {stage.resumed_at[-1]}: delete {self.run_dir(stage.name)} to start it over"
+                     if stage.resumed_at else "")
+            return f"stage {stage.name} failed (exit status {status}: {_last_error(output)}); its output: {output}{again}"
         try:
             self._finish(stage, inputs, started, finished)
         except (OSError, ValueError) as error:  # ended well but left no readable summary.json
@@ -532,7 +536,8 @@ class Reproduction:
         rows = []
         for stage in stages:
             last = self.checkpoint(stage)
-            best = last.with_name("best.ckpt")
+            # The file the run's own summary names (a run_dir with an older best.ckpt in it gets best-v1.ckpt).
+            best = last.with_name(Path(str(self.stages[stage].summary.get("best") or "best.ckpt")).name)
             step = checkpoint_step(best) if best.exists() else None
             if step is not None and step != checkpoint_step(last):
                 rows.append({"name": f"{self.stages[stage].title}, best validation step ({step})", "ckpt": str(best)})

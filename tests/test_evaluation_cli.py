@@ -388,11 +388,11 @@ def test_a_run_resumed_between_two_evaluations_keeps_the_rows_on_their_grid(tmp_
     def fit(max_steps: int, ckpt_path: str | None = None) -> ExtensionEvalCallback:
         model = tiny_model({"kind": "pi", "scale": 8.0}, vocab_size=VOCAB)
         callback = ExtensionEvalCallback(every_n_steps=2, windows=[32], max_documents=1, max_tokens_per_document=64,
-                                         passkey_trials=0)
+                                         passkey_trials=0, out_path=tmp_path / "eval_by_step.json")
         every_3 = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="step{step}", every_n_train_steps=3,
                                                       save_top_k=-1, auto_insert_metric_name=False)
         trainer = L.Trainer(max_steps=max_steps, callbacks=[callback, every_3], logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu")
+                            enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)
         trainer.fit(_Module(model.train()), datamodule=_Data(tokenizer), ckpt_path=ckpt_path)
         return callback
 

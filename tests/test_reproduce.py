@@ -506,6 +506,10 @@ def test_a_stage_cut_midway_continues_from_its_last_checkpoint_while_its_setting
         assert stage.spans[0][1] <= stage.spans[1][0]
         again = fine_tune()
         assert again.reused and again.resumed_at == [2] and again.spans == stage.spans
+        from reproduce import _resumed_text
+
+        assert _resumed_text(again) == " (cut, continued from step 2; its training ppl covers the steps since)"
+        assert _resumed_text(type(again)("x", "never cut", [])) == ""
 
         # Cut twice: both steps are recorded.
         cut_at["pi"] = 1
@@ -531,11 +535,21 @@ def test_a_stage_cut_midway_continues_from_its_last_checkpoint_while_its_setting
             fine_tune("budget.finetune_lr=0.006")
         fine_tune("budget.finetune_lr=0.006", "budget.pretrain_steps=31")  # a new base
         assert calls[-2:] == [("base", None), ("pi", None)]
-        cut_at["pi"] = 2
+        # reuse=false: the base itself, cut, starts over.
+        cut_at["base"] = 10
         with pytest.raises(Cut):
-            fine_tune("budget.finetune_lr=0.007")
-        fine_tune("budget.finetune_lr=0.007", "reuse=false")
-        assert calls[-1] == ("pi", None)
+            fine_tune("budget.pretrain_steps=32")
+        with pytest.raises(Cut):  # the same settings: the base goes on from step 10 (and pi, new with it, is cut)
+            cut_at["pi"] = 1
+            fine_tune("budget.pretrain_steps=32")
+        assert calls[-2:] == [("base", str(tmp_path / "runs" / "base" / "checkpoints" / "last.ckpt")), ("pi", None)]
+        cut_at["base"] = 10
+        with pytest.raises(Cut):
+            fine_tune("budget.pretrain_steps=33")
+        with pytest.raises(Cut):
+            cut_at["pi"] = 1
+            fine_tune("budget.pretrain_steps=33", "reuse=false")
+        assert calls[-2:] == [("base", None), ("pi", None)]
 
 
 # Runs the stages as the test above does, in a process of its own that the test then ends with SIGTERM.
@@ -743,7 +757,7 @@ def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_de
     for stage in ("pi", "ft", "ft_long", "pi_long"):
         assert (unpacked / "runs" / stage / "process.log").stat().st_size > 0
         record = json.loads((unpacked / "runs" / stage / "reproduce_stage.json").read_text())
-        spans.append((record["started"], record["finished"]))
+        spans += record["spans"]
     assert max(start for start, _ in spans) < min(finish for _, finish in spans)  # all four were running at one moment
     assert "Up to 4 fine-tunes ran at once" in text
     assert (unpacked / "eval" / "extensions" / "results.json").is_file()
