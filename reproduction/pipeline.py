@@ -245,8 +245,8 @@ class Reproduction:
         """Prepare a stage's run_dir; returns the overrides to add to its own and when it started.
 
         A run of the stage with the same settings and inputs that was cut (a device call's time limit, a
-        crash) continues from its last.ckpt, written every trainer.checkpoint_every_n_steps steps (a resume
-        is exact: tests/test_faults.py); anything else starts over in an empty run_dir. The plan record says
+        crash) continues from its last.ckpt, written every trainer.checkpoint_every_n_steps steps (on CPU a
+        resume is exact: tests/test_faults.py); anything else starts over in an empty run_dir. The plan record says
         what the run in the folder was started with.
         """
         from training.faults import checkpoint_step  # noqa: PLC0415
