@@ -165,8 +165,8 @@ Seed {cfg.seed}. Base window L = {L}, extended window L' = {long_window} (scale 
 The train split holds {corpus / 1e6:.2f}M tokens; "tokens (passes)" counts what each stage trained on.
 
 {tables.markdown_table(["stage", "what", "command", "tokens (passes)", "seconds", "final val ppl (window)"], stage_rows)}
-{_at_once_text(run)}
-## Claims
+
+{_at_once_text(run)}## Claims
 
 {report.claims_section(claims)}
 
@@ -261,10 +261,10 @@ def _at_once_text(run: Any) -> str:
     at_once = run.most_at_once()
     if at_once < 2:
         return ""
-    return (f"\nUp to {at_once} fine-tunes ran at once (`budget.parallel_stages`), each its own `train.py` process on "
+    return (f"Up to {at_once} fine-tunes ran at once (`budget.parallel_stages`), each its own `train.py` process on "
             "the same device: a stage's seconds are its own wall time, from its process's start (about 5 s of it "
-            "importing Lightning) to its end (for a stage cut and continued, the work kept), shared with the others. Time they shared counts once in the total: "
-            f"the stages ran for {run.stages_wall_seconds():.0f} s.\n")
+            "importing Lightning) to its end (for a stage cut and continued, the work kept), shared with the others. "
+            f"Time they shared counts once in the total: the stages ran for {run.stages_wall_seconds():.0f} s.\n\n")
 
 
 def _early_stopping_text(run: Any) -> str:
