@@ -51,41 +51,34 @@ def main(cfg: DictConfig) -> None:
 
 def reproduce(cfg: DictConfig) -> Path:
     """Run every stage (reusing finished ones) and write the report; returns the report folder."""
-    from reproduction.pipeline import BASE_ROW, Reproduction
+    from reproduction.pipeline import Reproduction
 
     run = Reproduction(cfg)
     run.pretrain()
-    # All of them start from the base alone: with budget.parallel_stages > 1 they run side by side.
-    fine_tunes = run.finetune_stages()
+    # All of them start from the base alone: with budget.parallel_stages > 1 they run side by side, and the
+    # evaluations of the base, then of each fine-tune as it finishes, meanwhile (final_evaluations).
+    fine_tune_plan = run.finetune_stages()
     ablation_plan = run.long_passkey_ablation_stages() if cfg.budget.get("long_passkey_ablation", False) else []
-    run.run_stages(fine_tunes + ablation_plan)
-    ablation_stages = [stage.name for stage in ablation_plan]
+    fine_tunes, ablation_stages = [s.name for s in fine_tune_plan], [s.name for s in ablation_plan]
+    run.run_stages(fine_tune_plan + ablation_plan, then=run.final_evaluations(fine_tunes, ablation_stages))
 
-    base = {"name": BASE_ROW, "ckpt": str(run.checkpoint("base"))}
-    extensions = run.evaluate("extensions", ["ppl", "passkey"], run.extension_variants(),
-                              **{"passkey.window": run.long_window})
-    ablation = None
-    if ablation_stages:
-        ablation = run.evaluate("ablation_long_passkey", ["ppl", "passkey"], run.stage_variants(ablation_stages),
-                                **{"passkey.window": run.long_window})
-        ablation["stages"] = ablation_stages
-    # Prompts of L tokens: the base's own retrieval (claim 4 needs it), what PI's compression alone does to it,
-    # and what the four fine-tunes keep of it.
-    inside = run.evaluate("inside_window", ["ppl", "passkey"], run.inside_window_variants(),
-                          **{"passkey.window": run.window, "ppl.windows": f"[{run.window}]"})
-    attention = run.evaluate("attention", ["attention"], [base])
+    extensions = run.merged(["extensions_base", *(f"extensions_{name}" for name in fine_tunes)], run.extension_variants())
+    inside = run.merged(["inside_window_base", *(f"inside_window_{name}" for name in fine_tunes)],
+                        run.inside_window_variants())
+    ablation = {**run.results["ablation_long_passkey"], "stages": ablation_stages} if ablation_stages else None
     timings = {name: stage.seconds for name, stage in run.stages.items()}
-    # Each stage's and evaluation's own run time, also when reused from an earlier call; stages that ran
-    # at once count their shared time once in the total.
+    # Each stage's and evaluation's own run time, also when reused from an earlier call; stages and evaluations
+    # that ran at once count their shared time once in the total.
     timings["evaluation"] = sum(seconds for seconds, _ in run.evaluations.values())
-    timings["total"] = run.stages_wall_seconds() + timings["evaluation"]
-    return write_report(cfg, run, extensions, inside, attention, timings, ablation)
+    timings["total"] = run.wall_seconds()
+    return write_report(cfg, run, extensions, inside, run.results["attention"], timings, ablation)
 
 
 def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: dict[str, Any],
                  attention: dict[str, Any], timings: dict[str, float], ablation: dict[str, Any] | None = None) -> Path:
     """`inside`: the evaluation of run.inside_window_variants (passkey at window L, perplexity at L)."""
     from evaluation import report as tables
+    from evaluation.run import stride_text
     from model.checkpoints import atomic_directory
     from reproduction import report
     from reproduction.claims import Numbers, judge_all
@@ -119,10 +112,13 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: 
 
     with atomic_directory(Path(str(cfg.report_dir)), force=True) as out:
         eval_dir = run.work / "eval"
+        # The tables at L' merge several evaluations (one per run, each made once its run finished): drawn here.
+        stride = stride_text(OmegaConf.create(extensions["config"]["ppl"]))
+        tables.plot_passkey(out / "passkey.png", extensions["passkey"])
         figures = {
-            # no ppl.png when no row has a finite perplexity (evaluation/report.py)
-            "ppl": report.copy_figure(eval_dir / "extensions" / "ppl.png", out / "ppl_by_window.png", optional=True),
-            "passkey": report.copy_figure(eval_dir / "extensions" / "passkey.png", out / "passkey.png"),
+            # no plot when no row has a finite perplexity
+            "ppl": "ppl_by_window.png" if tables.plot_perplexity(out / "ppl_by_window.png", windows, ppl, stride) else "",
+            "passkey": "passkey.png",
             "attention": report.copy_figure(eval_dir / "attention" / "attention.png", out / "figure2_fit.png"),
         }
         report.plot_by_step(out / "by_step.png", by_step, long_window)
@@ -257,14 +253,18 @@ def _resumed_text(stage: Any) -> str:
 
 
 def _at_once_text(run: Any) -> str:
-    """Where stages overlapped in time, what their seconds mean."""
-    at_once = run.most_at_once()
-    if at_once < 2:
-        return ""
-    return (f"Up to {at_once} fine-tunes ran at once (`budget.parallel_stages`), each its own `train.py` process on "
-            "the same device: a stage's seconds are its own wall time, from its process's start (about 5 s of it "
-            "importing Lightning) to its end (for a stage cut and continued, the work kept), shared with the others. "
-            f"Time they shared counts once in the total: the stages ran for {run.stages_wall_seconds():.0f} s.\n\n")
+    """Where stages, or stages and evaluations, overlapped in time, what their seconds mean."""
+    at_once, meanwhile = run.most_at_once(), run.evaluation_seconds_while_training()
+    text = ""
+    if at_once >= 2:
+        text = (f"Up to {at_once} fine-tunes ran at once (`budget.parallel_stages`), each its own `train.py` process on "
+                "the same device: a stage's seconds are its own wall time, from its process's start (about 5 s of it "
+                "importing Lightning) to its end (for a stage cut and continued, the work kept), shared with the others. "
+                f"Time they shared counts once in the total: the stages ran for {run.stages_wall_seconds():.0f} s. ")
+    if meanwhile >= 1:
+        text += ("Each evaluation ran in `reproduce.py`'s own process as soon as the runs it reads had finished, "
+                 f"{meanwhile:.0f} s of them while fine-tunes still trained (counted once in the total too). ")
+    return text.rstrip() + "\n\n" if text else ""
 
 
 def _early_stopping_text(run: Any) -> str:

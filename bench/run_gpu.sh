@@ -21,7 +21,7 @@
 # an H200 (647 s for its stages and first evaluation alone), more than one call's 600 s. It now pretrains
 # half as long, no stage uses activation checkpointing, and the four fine-tunes (401 s one after the other
 # then) train side by side, one train.py process each (budget.parallel_stages; their output comes back as
-# runs/STAGE/process.log); it may fit. When a call is cut, make the same
+# runs/STAGE/process.log), while reproduce.py evaluates the base and then each fine-tune as it ends; it may fit. When a call is cut, make the same
 # call again at once, while the machine is warm (it is released after 30 s idle): the second call reuses
 # the finished stages and evaluations, continues a stage cut midway from its last checkpoint (every 100
 # steps; an evaluation cut midway starts over) and uses the wheels the first call installed.

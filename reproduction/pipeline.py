@@ -3,7 +3,8 @@
 Every training stage is a `training.run.train` call on a config composed from conf/ (the same
 path as `python train.py ...`, whose overrides are logged), or, where stages run side by side
 (budget.parallel_stages > 1), that `python train.py ...` command in a process of its own; every evaluation is an
-`evaluation.run.evaluate` call (the same as `python evaluate.py ...`). A finished stage is
+`evaluation.run.evaluate` call (the same as `python evaluate.py ...`), made in this process as soon as
+the runs it reads have finished, also while other stages still train in theirs. A finished stage is
 reused when its settings are unchanged, and so is a finished evaluation, so an interrupted
 reproduction picks up where it stopped; a stage cut midway continues from its last checkpoint.
 """
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,8 @@ NO_FINE_TUNING = (
 
 
 BASE_ROW = "RoPE (base)"  # the base read as trained (RoPE at L)
+# The fine-tunes also read at their best validation step (early stopping; no verdict uses those rows).
+BEST_ROW_STAGES = ("ft_long", "pi_long")
 # PI scales below 2 for the passkey-inside-L rows: whole powers of two leave open how little compression
 # breaks retrieval, and these resolve it where perplexity has barely moved.
 SLIGHT_COMPRESSION = (1.05, 1.1, 1.25)
@@ -79,6 +83,15 @@ def _quote(override: str) -> str:
 STAGE_PLAN = "reproduce_stage.plan.json"  # written as a stage starts: the settings of the run in its folder
 
 
+@dataclass
+class PendingEvaluation:
+    """An evaluation planned with the stages, made (by `Reproduction.run_stages`) once the stages it reads finished."""
+
+    name: str
+    needs: tuple[str, ...]  # the stages whose runs it reads
+    run: Callable[[], Any]
+
+
 class StageError(RuntimeError):
     """A training stage that ran in its own process (budget.parallel_stages > 1) failed."""
 
@@ -107,7 +120,11 @@ class Reproduction:
                               "in this process).")
         self.parallel_stages = parallel
         self.stages: dict[str, Stage] = {}
+        self.finished: set[str] = set()  # stages whose run has finished (now or in an earlier call)
         self.evaluations: dict[str, tuple[float, bool]] = {}  # name -> (seconds it took when it ran, reused)
+        # name -> when it ran (start, end), where its record kept that: evaluations overlap the fine-tunes
+        self.evaluation_spans: dict[str, tuple[float, float]] = {}
+        self.results: dict[str, dict[str, Any]] = {}  # name -> the evaluation's results.json
 
     # -- training ---------------------------------------------------------------------------
 
@@ -198,26 +215,46 @@ class Reproduction:
         """The stage's Lightning CSV log (training and validation metrics by step)."""
         return self.work / "runs" / stage / "logs" / "metrics.csv"
 
-    def run_stages(self, stages: list[Stage]) -> list[Stage]:
-        """Run the planned stages, reusing each one whose finished run in work_dir has the same settings.
+    def run_stages(self, stages: list[Stage], then: Sequence[PendingEvaluation] = ()) -> list[Stage]:
+        """Run the planned stages, reusing each one whose finished run in work_dir has the same settings, and
+        make each evaluation in `then` as soon as the stages it reads have finished.
 
         With budget.parallel_stages > 1, stages that have to run go up to that many at once, each as its own
         `python train.py ...` process (the command the report gives): on a GPU, a small model's step is bound
-        by host work, so several runs share one card at nearly the speed of one. Otherwise they run one after
-        the other in this process. Either way a stage's record is written only once it finished.
+        by host work, so several runs share one card at nearly the speed of one, and the evaluations use the
+        card in this process meanwhile. Otherwise they run one after the other in this process, each
+        evaluation after the last stage it reads. Either way a stage's record is written only once it finished.
         """
         for stage in stages:
             later = [other.name for other in stages if f"init={self.checkpoint(other.name)}" in stage.overrides]
             if later:  # a programming error, not a user's: one call's stages may run at once
                 raise ValueError(f"stage {stage.name} starts from {later[0]}, planned in the same call; run that one first")
             self.stages[stage.name] = stage  # the report lists stages in planned order, however they finish
+        unknown = [f"{e.name} reads {need}" for e in then for need in e.needs if need not in self.stages]
+        if unknown:  # also a programming error: it would wait for a stage that never runs
+            raise ValueError(f"evaluation {unknown[0]}, a stage not planned")
         pending = [stage for stage in stages if not self._reuse(stage)]
+        waiting = list(then)
         if self.parallel_stages > 1 and len(pending) > 1:
-            self._train_in_processes(pending)
+            self._train_in_processes(pending, waiting)
         else:
+            self._evaluate_ready(waiting)
             for stage in pending:
                 self._train_here(stage)
+                self._evaluate_ready(waiting)
         return stages
+
+    def _next_ready(self, waiting: list[PendingEvaluation]) -> PendingEvaluation | None:
+        """The first waiting evaluation whose stages have all finished, taken off the list."""
+        for evaluation in waiting:
+            if self.finished.issuperset(evaluation.needs):
+                waiting.remove(evaluation)
+                return evaluation
+        return None
+
+    def _evaluate_ready(self, waiting: list[PendingEvaluation]) -> None:
+        while (evaluation := self._next_ready(waiting)) is not None:
+            evaluation.run()
 
     def run_dir(self, stage: str) -> Path:
         return self.work / "runs" / stage
@@ -236,6 +273,7 @@ class Reproduction:
         if saved is None or saved.get("overrides") != stage.overrides or saved.get("inputs") != self._inputs(stage):
             return False
         log.info("stage %s: reusing the finished run in %s", stage.name, self.run_dir(stage.name))
+        self.finished.add(stage.name)
         stage.seconds, stage.reused, stage.summary = saved["seconds"], True, saved["summary"]
         stage.spans = [(float(a), float(b)) for a, b in saved.get("spans", [])]
         stage.resumed_at = list(saved.get("resumed_at", []))
@@ -291,6 +329,7 @@ class Reproduction:
         _write_record(self.run_dir(stage.name) / "reproduce_stage.json", {
             "overrides": stage.overrides, "inputs": inputs, "seconds": stage.seconds, "summary": stage.summary,
             "spans": stage.spans, "resumed_at": stage.resumed_at})
+        self.finished.add(stage.name)
         log.info("stage %s done in %.0f s (%s)", stage.name, stage.seconds, self.checkpoint(stage.name))
 
     def stage_command(self, stage: Stage, extra: list[str]) -> list[str]:
@@ -299,18 +338,20 @@ class Reproduction:
         return [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), *stage.overrides,
                 f"run_dir={self.run_dir(stage.name)}", *extra]
 
-    def _train_in_processes(self, stages: list[Stage]) -> None:
+    def _train_in_processes(self, stages: list[Stage], waiting: list[PendingEvaluation]) -> None:
         """Up to budget.parallel_stages `train.py` processes at once, the longest stages first (they set the
-        wall time). A failed stage lets the others finish (their records make them reusable) and then stops
-        the reproduction with the end of its output."""
+        wall time), and meanwhile, in this process, each waiting evaluation once the stages it reads have
+        finished. A failed stage lets the others finish (their records make them reusable) and then stops
+        the reproduction with the end of its output; so does a failed evaluation, after the stages."""
         queue = sorted(stages, key=_steps, reverse=True)
         inputs = {stage.name: self._inputs(stage) for stage in stages}
         if torch.cuda.is_available():
             gc.collect()  # the base's trainer and module, trained in this process, hold its tensors until collected
             torch.cuda.empty_cache()  # what they left cached here belongs to the new processes now
         env = {**os.environ, "OMP_NUM_THREADS": str(_threads_each(min(self.parallel_stages, len(stages))))}
-        running: dict[str, tuple[Stage, subprocess.Popen, float]] = {}
+        running: dict[str, tuple[Stage, _Watched]] = {}
         failed: list[str] = []
+        evaluation_error: Exception | None = None
         # Python's default SIGTERM ends this process at once and leaves the training processes running on
         # (`timeout` signals them too, but they save a checkpoint first, and nothing would kill a hung one):
         # raised as SystemExit here, it runs the `finally` that ends them. Only while they run: the base,
@@ -320,42 +361,52 @@ class Reproduction:
             while queue or running:
                 while queue and len(running) < self.parallel_stages:
                     stage = queue.pop(0)
-                    running[stage.name] = (stage, *self._start_process(stage, inputs[stage.name], env))
-                time.sleep(0.2)
-                for name, (stage, process, started) in list(running.items()):
-                    if process.poll() is None:
+                    running[stage.name] = (stage, self._start_process(stage, inputs[stage.name], env))
+                for name, (stage, watched) in list(running.items()):
+                    if watched.ended is None:
                         continue
-                    finished = time.time()
                     del running[name]
-                    error = self._collect(stage, process.returncode, inputs[name], started, finished)
+                    error = self._collect(stage, watched.process.returncode, inputs[name], watched.started, watched.ended)
                     if error:
                         failed.append(error)
                         log.error("%s", error)
+                evaluation = self._next_ready(waiting)
+                if evaluation is None:
+                    time.sleep(0.2)
+                    continue
+                try:  # the processes run on meanwhile; their end times are taken as they end (_Watched)
+                    evaluation.run()
+                except Exception as error:  # noqa: BLE001 (raised once the stages are done: their work is kept)
+                    log.error("evaluation %s failed: %s", evaluation.name, error)
+                    evaluation_error = evaluation_error or error
         finally:  # interrupted (SIGTERM, Ctrl-C) or an error here: no training process outlives the reproduction
-            for _, process, _ in running.values():
-                process.terminate()
+            for _, watched in running.values():
+                watched.process.terminate()
             # Inside `timeout -k 5`. A stage cut here continues from its last periodic checkpoint next time (the
             # one its own SIGTERM handler writes may not finish: the write is atomic, the older one stays).
             deadline = time.time() + 3
-            for _, process, _ in running.values():
+            for _, watched in running.values():
                 try:
-                    process.wait(timeout=max(0.1, deadline - time.time()))
+                    watched.process.wait(timeout=max(0.1, deadline - time.time()))
                 except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                    watched.process.kill()
+                    watched.process.wait()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         if failed:
             raise StageError("; ".join(failed) + ". Fix it and run the same command again: finished stages are reused.")
+        if evaluation_error is not None:
+            raise evaluation_error
+        self._evaluate_ready(waiting)  # those that read the last stages to finish
 
-    def _start_process(self, stage: Stage, inputs: dict[str, str], env: dict[str, str]) -> tuple[subprocess.Popen, float]:
+    def _start_process(self, stage: Stage, inputs: dict[str, str], env: dict[str, str]) -> _Watched:
         extra, started = self._begin(stage, inputs)
         output = self.run_dir(stage.name) / "process.log"
         log.info("stage %s: %s run_dir=%s (its own process; output in %s)", stage.name, stage.command,
                  self.run_dir(stage.name), output)
         with output.open("a") as stream:  # the child holds its own descriptor; this one closes either way
             process = subprocess.Popen(self.stage_command(stage, extra), stdout=stream, stderr=subprocess.STDOUT, env=env)
-        return process, started
+        return _Watched(process, started)
 
     def _collect(self, stage: Stage, status: int, inputs: dict[str, str], started: float, finished: float) -> str | None:
         """Record a stage whose process ended; the reason it failed, or None."""
@@ -385,12 +436,20 @@ class Reproduction:
     def stages_wall_seconds(self) -> float:
         """Seconds the stages ran, time that several of them ran at once counted once (records from before
         start and finish times were kept count their own seconds)."""
-        spans = sorted(span for s in self.stages.values() for span in s.spans)
-        total, end = 0.0, float("-inf")
-        for start, finish in spans:
-            total += max(0.0, finish - max(start, end))
-            end = max(end, finish)
-        return total + sum(s.seconds for s in self.stages.values() if not s.spans)
+        spans = [span for s in self.stages.values() for span in s.spans]
+        return _covered(spans) + sum(s.seconds for s in self.stages.values() if not s.spans)
+
+    def wall_seconds(self) -> float:
+        """Seconds the whole run took: the stages and the evaluations, time they shared counted once."""
+        spans = [span for s in self.stages.values() for span in s.spans] + list(self.evaluation_spans.values())
+        return (_covered(spans) + sum(s.seconds for s in self.stages.values() if not s.spans)
+                + sum(seconds for name, (seconds, _) in self.evaluations.items() if name not in self.evaluation_spans))
+
+    def evaluation_seconds_while_training(self) -> float:
+        """Seconds of evaluation made while some stage trained (in its own process)."""
+        stages = [span for s in self.stages.values() for span in s.spans]
+        evaluations = list(self.evaluation_spans.values())
+        return _covered(stages) + _covered(evaluations) - _covered(stages + evaluations)
 
     @functools.cached_property
     def data(self) -> Any:
@@ -463,16 +522,20 @@ class Reproduction:
             log.info("evaluation %s: reusing the finished evaluation in %s", name, out)
             record.touch()  # its time says this run used it (bench/run_gpu.sh packs what the current call used)
             self.evaluations[name] = (float(saved["seconds"]), True)
-            return read_results(out / "results.json")
+            if saved.get("span"):
+                self.evaluation_spans[name] = (float(saved["span"][0]), float(saved["span"][1]))
+            self.results[name] = read_results(out / "results.json")
+            return self.results[name]
         if out.exists():
             shutil.rmtree(out)  # unfinished or stale: none of its files may be taken for this run's
         log.info("evaluation %s: python evaluate.py %s variants=<%d rows>", name, " ".join(overrides), len(variants))
-        started = time.perf_counter()
+        started, began = time.perf_counter(), time.time()
         evaluate(cfg)
-        seconds = time.perf_counter() - started
-        _write_record(record, {"key": key, "seconds": seconds})  # written last: the evaluation finished
-        self.evaluations[name] = (seconds, False)
-        return read_results(out / "results.json")
+        seconds, span = time.perf_counter() - started, (began, time.time())
+        _write_record(record, {"key": key, "seconds": seconds, "span": span})  # written last: the evaluation finished
+        self.evaluations[name], self.evaluation_spans[name] = (seconds, False), span
+        self.results[name] = read_results(out / "results.json")
+        return self.results[name]
 
     def _evaluation_overrides(self, name: str, tasks: list[str], settings: dict[str, Any]) -> list[str]:
         b = self.budget
@@ -501,10 +564,69 @@ class Reproduction:
                 prints[ckpt] = "missing"  # evaluate() says so in one sentence
         return prints
 
-    def extension_variants(self) -> list[dict[str, Any]]:
+    def final_evaluations(self, fine_tunes: Sequence[str], ablation: Sequence[str] = ()) -> list[PendingEvaluation]:
+        """The report's evaluations, one per run they read, for `run_stages` to make as soon as that run has
+        finished: the base's (the no-fine-tuning rows, passkey inside L, the attention analysis) while the
+        fine-tunes train, each fine-tune's while the longer ones still do. `merged` puts them back together.
+
+        Each fine-tune: perplexity at L..L' and passkey over L' in `extensions_STAGE`, passkey and perplexity
+        inside L in `inside_window_STAGE`. The long-passkey ablation, beyond the paper, once all its runs are done.
+        """
+        over_long = {"passkey.window": self.long_window}
+        # Prompts of L tokens: the base's own retrieval (claim 4 needs it), what PI's compression alone does
+        # to it, and what the fine-tunes keep of it.
+        inside = {"passkey.window": self.window, "ppl.windows": f"[{self.window}]"}
+        both = ["ppl", "passkey"]
+        plan = [self._pending("extensions_base", (), both, self.no_fine_tuning_variants, over_long),
+                self._pending("inside_window_base", (), both, self.inside_window_base_variants, inside),
+                self._pending("attention", (), ["attention"], lambda: [{"name": BASE_ROW, "ckpt": str(self.checkpoint("base"))}], {})]
+        for stage in fine_tunes:
+            def rows(stage: str = stage) -> list[dict[str, Any]]:
+                return self.stage_variants([stage]) + self.best_variants([stage] if stage in BEST_ROW_STAGES else [])
+            plan += [self._pending(f"extensions_{stage}", (stage,), both, rows, over_long),
+                     self._pending(f"inside_window_{stage}", (stage,), both, lambda stage=stage: self.stage_variants([stage]), inside)]
+        if ablation:
+            plan.append(self._pending("ablation_long_passkey", tuple(ablation), both,
+                                      lambda: self.stage_variants(list(ablation)), over_long))
+        return plan
+
+    def _pending(self, name: str, needs: tuple[str, ...], tasks: list[str], rows: Callable[[], list[dict[str, Any]]],
+                 settings: dict[str, Any]) -> PendingEvaluation:
+        # The rows are listed when it runs: a fine-tune's best validation step is known only once it finished.
+        return PendingEvaluation(name, needs, lambda: self.evaluate(name, tasks, rows(), **settings))
+
+    def merged(self, evaluations: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Several finished evaluations' results as one: their perplexity and passkey results, in the order of
+        `rows` (what one evaluation of all of them would have listed), and the first one's settings."""
+        parts = [self.results[name] for name in evaluations]
+        merged: dict[str, Any] = {"config": parts[0]["config"]}
+        for key in ("ppl", "ppl_table", "passkey"):
+            found = {name: value for part in parts for name, value in part.get(key, {}).items()}
+            if found or any(key in part for part in parts):
+                missing = [row["name"] for row in rows if row["name"] not in found]
+                if missing:  # a programming error: the split of the rows into evaluations lost one
+                    raise ValueError(f"no {key} result for {missing[0]!r} in the evaluations {', '.join(evaluations)}")
+                merged[key] = {row["name"]: found[row["name"]] for row in rows}
+        return merged
+
+    def no_fine_tuning_variants(self) -> list[dict[str, Any]]:
+        """The base read with each scaling at the run's scale, without fine-tuning."""
         base = str(self.checkpoint("base"))
-        rows = [{"name": name, "ckpt": base, "position": {**position, "scale": self.scale}} for name, position in NO_FINE_TUNING]
-        return rows + self.stage_variants(["ft", "ft_long", "pi", "pi_long"]) + self.best_variants(["ft_long", "pi_long"])
+        return [{"name": name, "ckpt": base, "position": {**position, "scale": self.scale}} for name, position in NO_FINE_TUNING]
+
+    def extension_variants(self) -> list[dict[str, Any]]:
+        """The rows of the tables at L': no fine-tuning, the four fine-tunes, and the long ones at their best step."""
+        return (self.no_fine_tuning_variants() + self.stage_variants(["ft", "ft_long", "pi", "pi_long"])
+                + self.best_variants(list(BEST_ROW_STAGES)))
+
+    def inside_window_base_variants(self) -> list[dict[str, Any]]:
+        """The base, and the base read with PI at 1.05 .. the run's scale: `inside_window_variants` without the fine-tunes."""
+        base = str(self.checkpoint("base"))
+        candidates = {*SLIGHT_COMPRESSION, *(2**i for i in range(1, 8))}
+        scales = sorted({s for s in candidates if s < self.scale} | {self.scale})
+        rows = [{"name": BASE_ROW, "ckpt": base}]
+        return rows + [{"name": f"base read with PI at scale {s}, no fine-tuning", "ckpt": base, "position": {"kind": "pi", "scale": s}}
+                       for s in scales]
 
     def inside_window_variants(self) -> list[dict[str, Any]]:
         """Rows for passkey prompts of L tokens: the base, the base read with PI and no fine-tuning at
@@ -515,13 +637,7 @@ class Reproduction:
         retrieval outright from one that only fails to carry it over longer distances; the small
         scales show how little compression it takes.
         """
-        base = str(self.checkpoint("base"))
-        candidates = {*SLIGHT_COMPRESSION, *(2**i for i in range(1, 8))}
-        scales = sorted({s for s in candidates if s < self.scale} | {self.scale})
-        rows = [{"name": BASE_ROW, "ckpt": base}]
-        rows += [{"name": f"base read with PI at scale {s}, no fine-tuning", "ckpt": base, "position": {"kind": "pi", "scale": s}}
-                 for s in scales]
-        return rows + self.stage_variants(["ft", "ft_long", "pi", "pi_long"])
+        return self.inside_window_base_variants() + self.stage_variants(["ft", "ft_long", "pi", "pi_long"])
 
     def best_variants(self, stages: list[str]) -> list[dict[str, Any]]:
         """Rows for the fine-tunes whose lowest validation loss came before their last step, read at that step.
@@ -571,6 +687,29 @@ def _threads_each(processes: int) -> int:
     share = max(1, cores // processes)
     asked = os.environ.get("OMP_NUM_THREADS", "")
     return min(share, int(asked)) if asked.isdigit() and int(asked) > 0 else share
+
+
+def _covered(spans: Sequence[tuple[float, float]]) -> float:
+    """Seconds inside at least one of the (start, end) spans."""
+    total, end = 0.0, float("-inf")
+    for start, finish in sorted(spans):
+        total += max(0.0, finish - max(start, end))
+        end = max(end, finish)
+    return total
+
+
+class _Watched:
+    """A training process and when it ended, taken by a thread that waits for it: this process may be busy with an
+    evaluation when it ends, and the stage's seconds are its own."""
+
+    def __init__(self, process: subprocess.Popen, started: float) -> None:
+        self.process, self.started = process, started
+        self.ended: float | None = None
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _wait(self) -> None:
+        self.process.wait()
+        self.ended = time.time()
 
 
 def _main_thread() -> bool:

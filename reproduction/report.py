@@ -339,10 +339,8 @@ def plot_by_step(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], lo
     plt.close(fig)
 
 
-def copy_figure(source: Path, target: Path, optional: bool = False) -> str:
-    """The figure copied into the report; "" for an `optional` one the evaluation did not draw."""
-    if optional and not source.is_file():
-        return ""
+def copy_figure(source: Path, target: Path) -> str:
+    """The figure copied into the report; its name there."""
     shutil.copyfile(source, target)
     return target.name
 

@@ -846,6 +846,21 @@ def test_atomic_directory_publishes_only_on_success(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
+def test_an_atomically_written_file_gets_the_permissions_an_ordinary_one_would(tmp_path):
+    import os
+
+    from model.checkpoints import atomic_write_bytes
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "results.json", b"{}")
+        (tmp_path / "ordinary").write_bytes(b"{}")
+    finally:
+        os.umask(previous)
+    # The temporary file it renames is made 0600; a report others read must not stay so.
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == (tmp_path / "ordinary").stat().st_mode & 0o777 == 0o644
+
+
 def test_detect_format(tmp_path, sp_tokenizer):
     folder, _, _ = make_meta_case("llama1-4shards", tmp_path, sp_tokenizer)
     assert detect_format(folder) == detect_format(folder / "consolidated.00.pth") == "meta"

@@ -366,7 +366,7 @@ if run_dir.name in os.environ.get("FAIL_STAGES", "").split(","):
     (run_dir / "checkpoints" / "last.ckpt").write_text("2")
     print("error: data.passkey_share=2 must be between 0 and 1.", file=sys.stderr)
     sys.exit(2)
-time.sleep(float(os.environ["FAKE_TRAIN_SECONDS"]))
+time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS_" + run_dir.name.upper(), os.environ["FAKE_TRAIN_SECONDS"])))
 (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 (run_dir / "checkpoints" / "last.ckpt").write_text("weights")
 (run_dir / "summary.json").write_text(json.dumps({"seq_len": 1024, "metrics": {}, "argv": sys.argv[1:],
@@ -461,6 +461,91 @@ def test_fine_tunes_run_side_by_side_in_their_own_processes_and_a_failed_one_sto
             assert run.stages[name].summary["argv"][-1] == f"resume={run.checkpoint(name)}"
             assert run.stages[name].resumed_at == [2]
             assert "error: data.passkey_share=2" in (run.run_dir(name) / "process.log").read_text()  # both parts' output
+
+
+def test_evaluations_run_as_soon_as_the_runs_they_read_finish_while_the_others_train(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    from evaluation.errors import EvaluationError
+    from reproduction.pipeline import PendingEvaluation, Reproduction
+
+    trained_here, started = _fake_stages(monkeypatch)
+    monkeypatch.setenv("FAKE_TRAIN_SECONDS", "0.2")
+    for name in ("FT_LONG", "PI_LONG"):
+        monkeypatch.setenv(f"FAKE_TRAIN_SECONDS_{name}", "4")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        def run_all(parallel: int, *overrides: str, broken: bool = False) -> tuple[Reproduction, dict[str, set[str]]]:
+            run = Reproduction(compose(config_name="reproduce", overrides=[
+                "budget=mini", f"work_dir={tmp_path}", f"budget.parallel_stages={parallel}", *overrides]))
+            run.pretrain()
+            seen: dict[str, set[str]] = {}  # evaluation -> the stages finished when it started
+
+            def evaluation(name: str, seconds: float) -> PendingEvaluation:
+                def make() -> None:
+                    seen[name] = set(run.finished)
+                    trained_here.append(f"evaluation {name}")
+                    if broken:
+                        raise EvaluationError("the passkey window is longer than the table.")
+                    began = time.time()
+                    time.sleep(seconds)  # as an evaluation does, it records when it ran
+                    ended = time.time()
+                    run.evaluations[name], run.evaluation_spans[name] = (ended - began, False), (began, ended)
+                return PendingEvaluation(name, needs[name], make)
+
+            needs = {"of the base": (), "of ft": ("ft",), "of the long ones": ("ft_long", "pi_long")}
+            run.run_stages(run.finetune_stages(), then=[evaluation("of the base", 1.5), evaluation("of ft", 0.5),
+                                                        evaluation("of the long ones", 0.2)])
+            return run, seen
+
+        # Side by side: the base's evaluation while all four train, ft's once it finished (the long ones still
+        # training), the last once both long ones had.
+        run, seen = run_all(4)
+        assert seen == {"of the base": {"base"}, "of ft": {"base", "pi", "ft"}, "of the long ones": {"base", "pi", "ft", "ft_long", "pi_long"}}
+        # ft's process ended while this process evaluated the base for 1.5 s: its seconds are its own (0.2 s of
+        # sleep and a Python start), not until the evaluation let this process look.
+        assert run.stages["ft"].seconds < 1.4
+        # Two evaluations overlapped the training; the total counts that time once.
+        overlap = run.evaluation_seconds_while_training()
+        assert overlap == pytest.approx(run.evaluations["of the base"][0] + run.evaluations["of ft"][0], abs=0.05)
+        stages, evaluations = run.stages_wall_seconds(), sum(seconds for seconds, _ in run.evaluations.values())
+        assert run.wall_seconds() == pytest.approx(stages + evaluations - overlap)
+
+        # One at a time in this process: each evaluation right after the last stage it reads.
+        trained_here.clear()
+        run_all(1, "budget.finetune_lr=0.001")
+        assert trained_here == ["evaluation of the base", "pi", "ft", "evaluation of ft", "ft_long", "pi_long",
+                                "evaluation of the long ones"]
+
+        # An evaluation that fails while the fine-tunes train: they run to the end (reusable), then its error.
+        with pytest.raises(EvaluationError, match="the passkey window"):
+            run_all(4, "budget.finetune_lr=0.002", broken=True)
+        for name in ("pi", "ft", "ft_long", "pi_long"):
+            assert (run.run_dir(name) / "reproduce_stage.json").is_file()
+        started.clear()
+        run_all(4, "budget.finetune_lr=0.002")
+        assert started == []
+
+        # An evaluation that waits for a stage nobody planned would never run: refused at once.
+        run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}"]))
+        with pytest.raises(ValueError, match="reads nothing_like_it, a stage not planned"):
+            run.run_stages([], then=[PendingEvaluation("odd", ("nothing_like_it",), lambda: None)])
+
+
+def test_evaluations_made_one_per_run_merge_into_the_tables_rows_in_order(tmp_path: Path) -> None:
+    from reproduction.pipeline import Reproduction
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}"]))
+    passkey = {"k_max": 3}
+    run.results = {"base": {"config": {"ppl": {"stride": 256}}, "ppl_table": {"b1": {128: 5.0}, "b2": {128: 6.0}},
+                            "passkey": {"b1": passkey, "b2": passkey}},
+                   "ft": {"config": {}, "ppl_table": {"f": {128: 7.0}}, "passkey": {"f": passkey}}}
+    rows = [{"name": "b2"}, {"name": "f"}, {"name": "b1"}]
+    merged = run.merged(["base", "ft"], rows)
+    assert list(merged["ppl_table"]) == list(merged["passkey"]) == ["b2", "f", "b1"]
+    assert merged["ppl_table"]["f"] == {128: 7.0} and merged["config"] == {"ppl": {"stride": 256}} and "ppl" not in merged
+    with pytest.raises(ValueError, match="no ppl_table result for 'lost'"):
+        run.merged(["base", "ft"], [*rows, {"name": "lost"}])
 
 
 def test_a_stage_cut_midway_continues_from_its_last_checkpoint_while_its_settings_are_unchanged(tmp_path: Path, monkeypatch) -> None:
@@ -702,7 +787,8 @@ def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     log = again.stdout + again.stderr
     assert again.returncode == 0 and log.count("reusing the finished run") == 9, log[-3000:]
-    assert log.count("reusing the finished evaluation") == 4, log[-3000:]
+    # The base's three, two per fine-tune (at L' and inside L), the ablation's.
+    assert log.count("reusing the finished evaluation") == 3 + 2 * 4 + 1, log[-3000:]
     rerun = json.loads((report / "results.json").read_text())
     assert {k: rerun[k] for k in ("ppl", "passkey", "claims", "attention")} == {k: results[k] for k in ("ppl", "passkey", "claims", "attention")}
     assert rerun["timings_s"] == results["timings_s"]  # each evaluation's time from when it ran
@@ -760,13 +846,14 @@ def test_the_gpu_budgets_trainer_settings_run_the_pipeline_on_cpu_through_the_de
         spans += record["spans"]
     assert max(start for start, _ in spans) < min(finish for _, finish in spans)  # all four were running at one moment
     assert "Up to 4 fine-tunes ran at once" in text
-    assert (unpacked / "eval" / "extensions" / "results.json").is_file()
+    assert (unpacked / "eval" / "extensions_base" / "results.json").is_file()
+    assert (unpacked / "eval" / "inside_window_pi_long" / "results.json").is_file()
     assert not (unpacked / "eval" / "from-an-earlier-call").exists()
     # The same call again (a cut run's second call): every stage and evaluation reused, all packed again.
     again = subprocess.run(["bash", "bench/run_gpu.sh", "reproduce"], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=900)
     log = (out / "reproduce.log").read_text()
-    assert again.returncode == 0 and log.count("reusing the finished evaluation") == 3, log[-3000:]
+    assert again.returncode == 0 and log.count("reusing the finished evaluation") == 3 + 2 * 4, log[-3000:]
     with tarfile.open(out / "reproduction-gpu.tgz") as archive:
         names = archive.getnames()
-    assert "eval/extensions/results.json" in names and "report/README.md" in names
+    assert "eval/extensions_pi/results.json" in names and "report/README.md" in names
