@@ -259,7 +259,8 @@ def _at_once_text(run: Any) -> str:
     if at_once >= 2:
         text = (f"Up to {at_once} fine-tunes ran at once (`budget.parallel_stages`), each its own `train.py` process on "
                 "the same device: a stage's seconds are its own wall time, from its process's start (about 5 s of it "
-                "importing Lightning) to its end (for a stage cut and continued, the work kept), shared with the others. "
+                "importing Lightning) to its end (for a stage cut and continued, the work kept), the device shared with "
+                "the others and with the evaluations made meanwhile. "
                 f"Time they shared counts once in the total: the stages ran for {run.stages_wall_seconds():.0f} s. ")
     if meanwhile >= 1:
         text += ("Each evaluation ran in `reproduce.py`'s own process as soon as the runs it reads had finished, "

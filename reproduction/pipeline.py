@@ -222,8 +222,10 @@ class Reproduction:
         With budget.parallel_stages > 1, stages that have to run go up to that many at once, each as its own
         `python train.py ...` process (the command the report gives): on a GPU, a small model's step is bound
         by host work, so several runs share one card at nearly the speed of one, and the evaluations use the
-        card in this process meanwhile. Otherwise they run one after the other in this process, each
-        evaluation after the last stage it reads. Either way a stage's record is written only once it finished.
+        card in this process meanwhile (once every stage has started: a free slot is never left idle for one).
+        Otherwise they run one after the other in this process, each evaluation after the last stage it reads.
+        Either way a stage's record is written only once it finished, and a failed evaluation is reported
+        once the stages are done (their runs are kept for the next call).
         """
         for stage in stages:
             later = [other.name for other in stages if f"init={self.checkpoint(other.name)}" in stage.overrides]
@@ -234,14 +236,19 @@ class Reproduction:
         if unknown:  # also a programming error: it would wait for a stage that never runs
             raise ValueError(f"evaluation {unknown[0]}, a stage not planned")
         pending = [stage for stage in stages if not self._reuse(stage)]
-        waiting = list(then)
-        if self.parallel_stages > 1 and len(pending) > 1:
-            self._train_in_processes(pending, waiting)
+        waiting, errors = list(then), []
+        # One stage left (a cut call's last) still gets a process of its own when there is evaluating to do meanwhile.
+        if self.parallel_stages > 1 and (len(pending) > 1 or (pending and waiting)):
+            errors = self._train_in_processes(pending, waiting)
         else:
-            self._evaluate_ready(waiting)
+            errors = self._evaluate_ready(waiting)
             for stage in pending:
                 self._train_here(stage)
-                self._evaluate_ready(waiting)
+                errors += self._evaluate_ready(waiting)
+        if errors:
+            raise errors[0]
+        if waiting:  # a programming error: an evaluation of a stage that neither ran nor failed
+            raise ValueError(f"evaluation {waiting[0].name} never ran: not all of {', '.join(waiting[0].needs)} finished")
         return stages
 
     def _next_ready(self, waiting: list[PendingEvaluation]) -> PendingEvaluation | None:
@@ -252,9 +259,13 @@ class Reproduction:
                 return evaluation
         return None
 
-    def _evaluate_ready(self, waiting: list[PendingEvaluation]) -> None:
+    def _evaluate_ready(self, waiting: list[PendingEvaluation]) -> list[Exception]:
+        """Every waiting evaluation whose stages have finished; the errors of those that failed."""
+        errors = []
         while (evaluation := self._next_ready(waiting)) is not None:
-            evaluation.run()
+            error = _evaluate(evaluation)
+            errors += [error] if error else []
+        return errors
 
     def run_dir(self, stage: str) -> Path:
         return self.work / "runs" / stage
@@ -338,11 +349,11 @@ class Reproduction:
         return [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), *stage.overrides,
                 f"run_dir={self.run_dir(stage.name)}", *extra]
 
-    def _train_in_processes(self, stages: list[Stage], waiting: list[PendingEvaluation]) -> None:
+    def _train_in_processes(self, stages: list[Stage], waiting: list[PendingEvaluation]) -> list[Exception]:
         """Up to budget.parallel_stages `train.py` processes at once, the longest stages first (they set the
         wall time), and meanwhile, in this process, each waiting evaluation once the stages it reads have
         finished. A failed stage lets the others finish (their records make them reusable) and then stops
-        the reproduction with the end of its output; so does a failed evaluation, after the stages."""
+        the reproduction with the end of its output. Returns the errors of the evaluations that failed."""
         queue = sorted(stages, key=_steps, reverse=True)
         inputs = {stage.name: self._inputs(stage) for stage in stages}
         if torch.cuda.is_available():
@@ -351,7 +362,7 @@ class Reproduction:
         env = {**os.environ, "OMP_NUM_THREADS": str(_threads_each(min(self.parallel_stages, len(stages))))}
         running: dict[str, tuple[Stage, _Watched]] = {}
         failed: list[str] = []
-        evaluation_error: Exception | None = None
+        evaluation_errors: list[Exception] = []
         # Python's default SIGTERM ends this process at once and leaves the training processes running on
         # (`timeout` signals them too, but they save a checkpoint first, and nothing would kill a hung one):
         # raised as SystemExit here, it runs the `finally` that ends them. Only while they run: the base,
@@ -362,24 +373,22 @@ class Reproduction:
                 while queue and len(running) < self.parallel_stages:
                     stage = queue.pop(0)
                     running[stage.name] = (stage, self._start_process(stage, inputs[stage.name], env))
-                for name, (stage, watched) in list(running.items()):
-                    if watched.ended is None:
-                        continue
-                    del running[name]
-                    error = self._collect(stage, watched.process.returncode, inputs[name], watched.started, watched.ended)
-                    if error:
-                        failed.append(error)
-                        log.error("%s", error)
-                evaluation = self._next_ready(waiting)
+                failed += self._collect_ended(running, inputs)
+                # Not while stages wait for a slot: one freed during a long evaluation would stay idle.
+                evaluation = self._next_ready(waiting) if not queue else None
                 if evaluation is None:
                     time.sleep(0.2)
                     continue
-                try:  # the processes run on meanwhile; their end times are taken as they end (_Watched)
-                    evaluation.run()
-                except Exception as error:  # noqa: BLE001 (raised once the stages are done: their work is kept)
-                    log.error("evaluation %s failed: %s", evaluation.name, error)
-                    evaluation_error = evaluation_error or error
+                # The processes run on meanwhile; their end times are taken as they end (_Watched).
+                error = _evaluate(evaluation)
+                evaluation_errors += [error] if error else []
+                if torch.cuda.is_available():
+                    gc.collect()
+                    torch.cuda.empty_cache()  # the card's memory is shared with the training processes
         finally:  # interrupted (SIGTERM, Ctrl-C) or an error here: no training process outlives the reproduction
+            # First record those that ended during the last evaluation: a cut call must not lose a finished stage
+            # (the next one would find its last checkpoint at its last step and train it again).
+            failed += self._collect_ended(running, inputs)
             for _, watched in running.values():
                 watched.process.terminate()
             # Inside `timeout -k 5`. A stage cut here continues from its last periodic checkpoint next time (the
@@ -395,9 +404,20 @@ class Reproduction:
                 signal.signal(signal.SIGTERM, previous)
         if failed:
             raise StageError("; ".join(failed) + ". Fix it and run the same command again: finished stages are reused.")
-        if evaluation_error is not None:
-            raise evaluation_error
-        self._evaluate_ready(waiting)  # those that read the last stages to finish
+        return evaluation_errors + self._evaluate_ready(waiting)  # those that read the last stages to finish
+
+    def _collect_ended(self, running: dict[str, tuple[Stage, _Watched]], inputs: dict[str, dict[str, str]]) -> list[str]:
+        """Record the stages whose process has ended, taking them off `running`; why those that failed did."""
+        failed = []
+        for name, (stage, watched) in list(running.items()):
+            if watched.ended is None:
+                continue
+            del running[name]
+            error = self._collect(stage, watched.process.returncode, inputs[name], watched.started, watched.ended)
+            if error:
+                failed.append(error)
+                log.error("%s", error)
+        return failed
 
     def _start_process(self, stage: Stage, inputs: dict[str, str], env: dict[str, str]) -> _Watched:
         extra, started = self._begin(stage, inputs)
@@ -708,8 +728,20 @@ class _Watched:
         threading.Thread(target=self._wait, daemon=True).start()
 
     def _wait(self) -> None:
-        self.process.wait()
-        self.ended = time.time()
+        try:
+            self.process.wait()
+        finally:  # never left unset: the scheduling loop waits for it
+            self.ended = time.time()
+
+
+def _evaluate(evaluation: PendingEvaluation) -> Exception | None:
+    """Make one evaluation; its error, logged, instead of raising it: the stages go on, the error comes after them."""
+    try:
+        evaluation.run()
+    except Exception as error:  # noqa: BLE001 (Ctrl-C and SIGTERM's SystemExit are not caught)
+        log.error("evaluation %s failed: %s", evaluation.name, error)
+        return error
+    return None
 
 
 def _main_thread() -> bool:

@@ -472,9 +472,9 @@ def test_evaluations_run_as_soon_as_the_runs_they_read_finish_while_the_others_t
     trained_here, started = _fake_stages(monkeypatch)
     monkeypatch.setenv("FAKE_TRAIN_SECONDS", "0.2")
     for name in ("FT_LONG", "PI_LONG"):
-        monkeypatch.setenv(f"FAKE_TRAIN_SECONDS_{name}", "4")
+        monkeypatch.setenv(f"FAKE_TRAIN_SECONDS_{name}", "5")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        def run_all(parallel: int, *overrides: str, broken: bool = False) -> tuple[Reproduction, dict[str, set[str]]]:
+        def run_all(parallel: int, *overrides: str, broken: type[BaseException] | None = None) -> tuple[Reproduction, dict[str, set[str]]]:
             run = Reproduction(compose(config_name="reproduce", overrides=[
                 "budget=mini", f"work_dir={tmp_path}", f"budget.parallel_stages={parallel}", *overrides]))
             run.pretrain()
@@ -484,16 +484,16 @@ def test_evaluations_run_as_soon_as_the_runs_they_read_finish_while_the_others_t
                 def make() -> None:
                     seen[name] = set(run.finished)
                     trained_here.append(f"evaluation {name}")
-                    if broken:
-                        raise EvaluationError("the passkey window is longer than the table.")
                     began = time.time()
                     time.sleep(seconds)  # as an evaluation does, it records when it ran
+                    if broken:
+                        raise broken("the passkey window is longer than the table.")
                     ended = time.time()
                     run.evaluations[name], run.evaluation_spans[name] = (ended - began, False), (began, ended)
                 return PendingEvaluation(name, needs[name], make)
 
             needs = {"of the base": (), "of ft": ("ft",), "of the long ones": ("ft_long", "pi_long")}
-            run.run_stages(run.finetune_stages(), then=[evaluation("of the base", 1.5), evaluation("of ft", 0.5),
+            run.run_stages(run.finetune_stages(), then=[evaluation("of the base", 2.5), evaluation("of ft", 0.5),
                                                         evaluation("of the long ones", 0.2)])
             return run, seen
 
@@ -501,9 +501,9 @@ def test_evaluations_run_as_soon_as_the_runs_they_read_finish_while_the_others_t
         # training), the last once both long ones had.
         run, seen = run_all(4)
         assert seen == {"of the base": {"base"}, "of ft": {"base", "pi", "ft"}, "of the long ones": {"base", "pi", "ft", "ft_long", "pi_long"}}
-        # ft's process ended while this process evaluated the base for 1.5 s: its seconds are its own (0.2 s of
+        # ft's process ended while this process evaluated the base for 2.5 s: its seconds are its own (0.2 s of
         # sleep and a Python start), not until the evaluation let this process look.
-        assert run.stages["ft"].seconds < 1.4
+        assert run.stages["ft"].seconds < 2.0
         # Two evaluations overlapped the training; the total counts that time once.
         overlap = run.evaluation_seconds_while_training()
         assert overlap == pytest.approx(run.evaluations["of the base"][0] + run.evaluations["of ft"][0], abs=0.05)
@@ -516,14 +516,27 @@ def test_evaluations_run_as_soon_as_the_runs_they_read_finish_while_the_others_t
         assert trained_here == ["evaluation of the base", "pi", "ft", "evaluation of ft", "ft_long", "pi_long",
                                 "evaluation of the long ones"]
 
-        # An evaluation that fails while the fine-tunes train: they run to the end (reusable), then its error.
-        with pytest.raises(EvaluationError, match="the passkey window"):
-            run_all(4, "budget.finetune_lr=0.002", broken=True)
-        for name in ("pi", "ft", "ft_long", "pi_long"):
-            assert (run.run_dir(name) / "reproduce_stage.json").is_file()
+        # Evaluations that fail, side by side or one at a time: the fine-tunes run to the end (reusable), then the
+        # first error.
+        for parallel, lr in ((4, 0.002), (1, 0.003)):
+            trained_here.clear()
+            with pytest.raises(EvaluationError, match="the passkey window"):
+                run_all(parallel, f"budget.finetune_lr={lr}", broken=EvaluationError)
+            assert all((run.run_dir(name) / "reproduce_stage.json").is_file() for name in ("pi", "ft", "ft_long", "pi_long"))
+            assert trained_here.count("evaluation of the base") == 1  # each failed once, none was tried again
+            started.clear()
+            run_all(4, f"budget.finetune_lr={lr}")
+            assert started == []
+
+        # Cut (Ctrl-C, or SIGTERM's SystemExit) during the base's evaluation, after the N-step fine-tunes ended: those
+        # two are recorded, the next call reuses them and trains only the 10N ones again.
+        with pytest.raises(KeyboardInterrupt):
+            run_all(4, "budget.finetune_lr=0.004", broken=KeyboardInterrupt)
+        assert [(run.run_dir(name) / "reproduce_stage.json").is_file() for name in ("pi", "ft", "ft_long", "pi_long")] == [
+            True, True, False, False]
         started.clear()
-        run_all(4, "budget.finetune_lr=0.002")
-        assert started == []
+        run_all(4, "budget.finetune_lr=0.004")
+        assert sorted(started) == ["ft_long", "pi_long"]
 
         # An evaluation that waits for a stage nobody planned would never run: refused at once.
         run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}"]))
