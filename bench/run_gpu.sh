@@ -16,8 +16,8 @@
 # `python reproduce.py budget=gpu` (RUN_GPU_REPRODUCE_ARGS replaces `budget=gpu`) and brings back one archive,
 # $OUT/reproduction-gpu.tgz (the device tool returns at most 8 files): the report in report/, each stage's
 # records (runs/STAGE/{summary,reproduce_stage,eval_by_step}.json, runs/STAGE/logs/metrics.csv) and the
-# files of each evaluation the call finished or reused in eval/, so a run cut short still returns what it
-# finished. The checkpoints stay on the machine. At commit 9cd9a49 budget=gpu needed more than 11 minutes on
+# files of each evaluation the call finished or reused in eval/, and gpu_use_TIME.csv (nvidia-smi's utilization
+# and memory every second, one per call), so a run cut short still returns what it finished. The checkpoints stay on the machine. At commit 9cd9a49 budget=gpu needed more than 11 minutes on
 # an H200 (647 s for its stages and first evaluation alone), more than one call's 600 s. It now pretrains
 # half as long, no stage uses activation checkpointing, and the four fine-tunes (401 s one after the other
 # then) train side by side, one train.py process each (budget.parallel_stages; their output comes back as
@@ -168,9 +168,16 @@ for i in "${!planned[@]}"; do
       if [[ -n $mode && $mode != Default ]]; then
         echo "run_gpu.sh: compute mode $mode: the fine-tunes run one at a time"; reproduce_args+=(budget.parallel_stages=1)
       fi
+      # The card's use, every second, beside the report's stage and evaluation times: how idle the side-by-side
+      # fine-tunes and the evaluations made meanwhile leave it (one file per call; packed below).
+      sampled="gpu_use_$(date +%H%M%S).csv"
+      nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,nounits -l 1 > "$work/$sampled" 2>/dev/null &
+      sampler=$!
       timeout -k 5 "$cap" python3 reproduce.py "${reproduce_args[@]}" "work_dir=$work" \
         "report_dir=$work/report" > "$OUT/reproduce.log" 2>&1
       rc=$?
+      kill "$sampler" 2>/dev/null
+      [ -s "$work/$sampled" ] || rm -f "$work/$sampled"  # no nvidia-smi (a CPU run of this script)
       grep -E "\[reproduce\]|stage|report written|Error|error" "$OUT/reproduce.log" | tail -n 40
       # One archive, also of a run cut short: the report, the evaluations this call finished or reused, and
       # each stage's small records (the training curves behind the report); no checkpoints.
@@ -180,7 +187,7 @@ for i in "${!planned[@]}"; do
             find "$(dirname "$record")" -type f
           done
           for file in runs/*/summary.json runs/*/reproduce_stage.json runs/*/eval_by_step.json runs/*/logs/metrics.csv \
-            runs/*/process.log; do
+            runs/*/process.log gpu_use_*.csv; do
             [ -f "$file" ] && echo "$file"
           done; } ) | tar czf "$OUT/reproduction-gpu.tgz" -C "$work" -T -
       fi

@@ -93,6 +93,35 @@ def test_a_crashed_run_resumes_mid_epoch_exactly_like_an_uninterrupted_one(cache
     assert torch.load(resumed.last_checkpoint, weights_only=True)["global_step"] == 10
 
 
+def test_a_checkpoint_at_a_validation_step_holds_that_validation_and_the_resumed_run_keeps_the_same_best(
+        cache_dir, tmp_path, monkeypatch):
+    """last.ckpt and validation every 3 steps: the one at step 6 waits for step 6's validation. Lightning does not
+    validate again at the step it resumes from, so a checkpoint written before it resumed with the best-model record
+    of step 3, and a later, worse validation could have replaced best.ckpt."""
+    coinciding = ["stage=pretrain", "trainer.limit_train_batches=4", "trainer.checkpoint_every_n_steps=3",
+                  "trainer.val_check_interval=3", "register_base=false"]
+    full = train(smoke(cache_dir, tmp_path / "full", *coinciding, "optim.pretrain.max_steps=10"))
+    _with_callback(monkeypatch, _CrashAt(7))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(smoke(cache_dir, tmp_path / "cut", *coinciding, "optim.pretrain.max_steps=10"))
+    monkeypatch.undo()
+
+    def best(checkpoint: Path) -> float:
+        states = torch.load(checkpoint, weights_only=True)["callbacks"]
+        return float(next(v for k, v in states.items() if "'monitor': 'val/loss'" in k)["best_model_score"])
+
+    with (tmp_path / "full" / "logs" / "metrics.csv").open(newline="") as handle:
+        validations = [float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")]
+    assert len(validations) == 3  # after steps 3, 6 and 9
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert best(last) == pytest.approx(min(validations[:2]))  # step 6's validation is in it
+    resumed = train(smoke(cache_dir, tmp_path / "cut", *coinciding, "optim.pretrain.max_steps=10", f"resume={last}"))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_same_weights(full.last_checkpoint, resumed.last_checkpoint)
+    assert best(resumed.last_checkpoint) == best(full.last_checkpoint) == pytest.approx(min(validations))
+
+
 def test_a_finished_run_extended_by_resume_logs_every_step_where_an_uninterrupted_run_does(cache_dir, tmp_path):
     """The end-of-run last.ckpt (max_steps 5, mid-epoch, a validation step) resumed with a larger max_steps.
 
@@ -162,6 +191,7 @@ def test_validation_and_its_checkpoint_come_every_n_optimizer_steps_with_gradien
     from reproduction.report import metrics_curve
     assert [step for step, _ in metrics_curve(tmp_path / "logs" / "metrics.csv")] == [2, 4]
     assert events.index(("validation", 4)) < events.index(("last.ckpt", 4))  # the final one after the final validation
+    assert events.index(("validation", 2)) < events.index(("last.ckpt", 2))  # a periodic one after its validation too
 
 
 def test_resuming_a_finished_run_rewrites_its_checkpoint_with_the_same_rng_states(cache_dir, tmp_path):
@@ -215,8 +245,9 @@ def test_a_nan_loss_stops_the_run_in_one_sentence_and_keeps_the_last_good_checkp
                                                   r"checkpoint; .*on_nonfinite=skip"):
         train(cfg)
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    # On the device path the run stops at the next check (step 4), but nothing was updated after step 3.
-    assert saved["global_step"] == (4 if fused else 3)
+    # On the device path the run stops at the next check (step 4), before step 4's validation, which its
+    # last.ckpt waits for (val_check_interval 2): the last one written is step 3's either way.
+    assert saved["global_step"] == 3
     assert {int(state["step"]) for state in saved["optimizer_states"][0]["state"].values()} == {3}
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
     assert not (tmp_path / "summary.json").exists()

@@ -246,16 +246,41 @@ def _load_weights(task: CausalLMTask, pretrained: Pretrained) -> None:
 class PeriodicLastCheckpoint(ModelCheckpoint):
     """last.ckpt every N optimizer steps, except at max_steps, which `train` writes itself after fit.
 
-    At a validation step this callback saves before the validation runs, so a last.ckpt from it at
-    max_steps would hold the best-model record from before the final validation, and the write
-    after fit would repeat the whole state (tens of GB for a 7B model). No version counter: a
+    At a step followed by a validation the save waits for that validation's end (Lightning's own deferral),
+    after the best-model callback has taken its result: Lightning does not validate again at the step it
+    resumes from, so a last.ckpt written before the validation would resume without it, and best.ckpt
+    could later be replaced by a worse model. At max_steps the write after fit holds the final validation
+    (saving here too would repeat the whole state: tens of GB for a 7B model). No version counter: a
     last.ckpt already there (a SIGTERM save, the run being resumed) is replaced, not kept beside a
     new last-v1.ckpt.
     """
 
+    def __init__(self, *, validate_every: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.validate_every = validate_every  # optimizer steps between validations
+        self._deferred_at: int | None = None
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        if trainer.global_step < trainer.max_steps:
-            super().on_train_batch_end(trainer, *args, **kwargs)
+        step = trainer.global_step
+        # With gradient accumulation the micro-batches after a step still see its number: defer once.
+        if step >= trainer.max_steps or step == self._deferred_at:
+            return
+        if self._every_n_train_steps >= 1 and step % self._every_n_train_steps == 0 and self._validates_at(trainer, step):
+            self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves it
+            self._deferred_at = step
+            return
+        super().on_train_batch_end(trainer, *args, **kwargs)
+
+    def _validates_at(self, trainer: L.Trainer, step: int) -> bool:
+        """Whether a validation runs right after this optimizer step. Never deferred for one that does not: an
+        empty validation split would lose every save."""
+        if not (trainer.enable_validation and step % self.validate_every == 0):
+            return False
+        counted = trainer.num_val_batches  # [] until the first validation of this fit has counted its batches
+        if counted:
+            return sum(counted) > 0
+        datamodule = trainer.datamodule
+        return datamodule is not None and len(datamodule.val_dataloader()) > 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # Lightning's "save last if it never saved": train() writes the final one after fit
@@ -281,7 +306,7 @@ def _trainer(
     # Writes are atomic, so a crash mid-write keeps the previous one.
     every = levers["checkpoint_every_n_steps"] or val_every
     last = PeriodicLastCheckpoint(dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=every,
-                                  enable_version_counter=False)
+                                  enable_version_counter=False, validate_every=val_every)
     peak = levers["peak_tflops"] * 1e12 if levers["peak_tflops"] else None
     if peak is None and trainer_cfg["accelerator"] in ("gpu", "cuda") and torch.cuda.is_available():
         peak = measured_matmul_peak(torch.device("cuda"))
