@@ -166,6 +166,38 @@ def test_the_last_step_is_written_once(cache_dir, tmp_path, monkeypatch, max_ste
         float(row["val/loss"]) for row in csv.DictReader((tmp_path / "logs" / "metrics.csv").open()) if row.get("val/loss")))
 
 
+def test_with_gradient_accumulation_only_a_micro_batch_that_stepped_can_write_last_ckpt(cache_dir, tmp_path, monkeypatch):
+    """The micro-batches between two optimizer steps see the step before them: the first ones of a run (step 0) and
+    of a resumed run (the checkpoint's step) must neither save nor defer a save to a later validation."""
+    saved: list[tuple[str, int]] = []
+    original = L.Trainer.save_checkpoint
+
+    def record_saves() -> None:
+        def save_checkpoint(self, filepath, *args, **kwargs):
+            saved.append((Path(filepath).name, self.global_step))
+            return original(self, filepath, *args, **kwargs)
+        monkeypatch.setattr(L.Trainer, "save_checkpoint", save_checkpoint)
+
+    accumulating = ["stage=pretrain", "trainer.accumulate_grad_batches=2", "register_base=false"]
+    record_saves()
+    # A validation only at the last step, periodic saves every 3: last.ckpt once, by train() after fit.
+    train(smoke(cache_dir, tmp_path / "short", *accumulating, "optim.pretrain.max_steps=2", "trainer.val_check_interval=2",
+                "trainer.checkpoint_every_n_steps=3"))
+    assert saved == [("best.ckpt", 2), ("last.ckpt", 2)]
+
+    # Cut after step 4 (last.ckpt at 3), resumed: step 3's checkpoint is not rewritten one micro-batch into step 4.
+    cut = [*accumulating, "optim.pretrain.max_steps=6", "trainer.val_check_interval=5", "trainer.checkpoint_every_n_steps=3"]
+    _with_callback(monkeypatch, _CrashAt(4))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(smoke(cache_dir, tmp_path / "cut", *cut))
+    monkeypatch.undo()
+    record_saves()
+    saved.clear()
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    train(smoke(cache_dir, tmp_path / "cut", *cut, f"resume={last}"))
+    assert saved == [("best.ckpt", 5), ("last.ckpt", 6)]
+
+
 def test_validation_and_its_checkpoint_come_every_n_optimizer_steps_with_gradient_accumulation(cache_dir, tmp_path,
                                                                                               monkeypatch):
     """val_check_interval counts optimizer steps (Lightning counts batches): 2 micro-batches per step here."""

@@ -258,12 +258,21 @@ class PeriodicLastCheckpoint(ModelCheckpoint):
     def __init__(self, *, validate_every: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.validate_every = validate_every  # optimizer steps between validations
+        self._last_step_seen: int | None = None
         self._deferred_at: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_step_seen = trainer.global_step  # 0, or the step a resumed run starts from
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         step = trainer.global_step
-        # With gradient accumulation the micro-batches after a step still see its number: defer once.
-        if step >= trainer.max_steps or step == self._deferred_at:
+        # Only a batch that made an optimizer step: with gradient accumulation the other micro-batches see the
+        # step before them (after a resume, the checkpoint's own, which a save here would overwrite mid-step).
+        if step == self._last_step_seen:
+            return
+        self._last_step_seen = step
+        if step >= trainer.max_steps:
             return
         if self._every_n_train_steps >= 1 and step % self._every_n_train_steps == 0 and self._validates_at(trainer, step):
             self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves it
@@ -272,15 +281,15 @@ class PeriodicLastCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, *args, **kwargs)
 
     def _validates_at(self, trainer: L.Trainer, step: int) -> bool:
-        """Whether a validation runs right after this optimizer step. Never deferred for one that does not: an
-        empty validation split would lose every save."""
-        if not (trainer.enable_validation and step % self.validate_every == 0):
-            return False
-        counted = trainer.num_val_batches  # [] until the first validation of this fit has counted its batches
-        if counted:
-            return sum(counted) > 0
-        datamodule = trainer.datamodule
-        return datamodule is not None and len(datamodule.val_dataloader()) > 0
+        """Whether a validation runs right after this optimizer step. Where it cannot tell (Lightning has not counted
+        the validation batches): no, and the save is not deferred; an empty validation split would lose them all."""
+        counted = trainer.num_val_batches  # Lightning counts them before the first training batch
+        return bool(trainer.enable_validation and step % self.validate_every == 0 and counted and sum(counted) > 0)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._defer_save_until_validation and self._deferred_at != trainer.global_step:
+            self._defer_save_until_validation = False  # its validation never came: a later one must not write it
+        super().on_validation_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # Lightning's "save last if it never saved": train() writes the final one after fit
