@@ -359,7 +359,11 @@ class Reproduction:
         if torch.cuda.is_available():
             gc.collect()  # the base's trainer and module, trained in this process, hold its tensors until collected
             torch.cuda.empty_cache()  # what they left cached here belongs to the new processes now
-        env = {**os.environ, "OMP_NUM_THREADS": str(_threads_each(min(self.parallel_stages, len(stages))))}
+        threads = _threads_each(min(self.parallel_stages, len(stages)))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        # The evaluations made here meanwhile take a share like theirs, not every core.
+        threads_here = torch.get_num_threads()
+        torch.set_num_threads(min(threads_here, threads))
         running: dict[str, tuple[Stage, _Watched]] = {}
         failed: list[str] = []
         evaluation_errors: list[Exception] = []
@@ -402,6 +406,7 @@ class Reproduction:
                     watched.process.wait()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            torch.set_num_threads(threads_here)
         if failed:
             raise StageError("; ".join(failed) + ". Fix it and run the same command again: finished stages are reused.")
         return evaluation_errors + self._evaluate_ready(waiting)  # those that read the last stages to finish

@@ -469,7 +469,10 @@ def test_evaluations_run_as_soon_as_the_runs_they_read_finish_while_the_others_t
     from evaluation.errors import EvaluationError
     from reproduction.pipeline import PendingEvaluation, Reproduction
 
+    import torch
+
     trained_here, started = _fake_stages(monkeypatch)
+    threads: dict[str, int] = {}  # evaluation -> torch's threads in this process while it ran
     monkeypatch.setenv("FAKE_TRAIN_SECONDS", "0.2")
     for name in ("FT_LONG", "PI_LONG"):
         monkeypatch.setenv(f"FAKE_TRAIN_SECONDS_{name}", "5")
@@ -483,6 +486,7 @@ def test_evaluations_run_as_soon_as_the_runs_they_read_finish_while_the_others_t
             def evaluation(name: str, seconds: float) -> PendingEvaluation:
                 def make() -> None:
                     seen[name] = set(run.finished)
+                    threads[name] = torch.get_num_threads()
                     trained_here.append(f"evaluation {name}")
                     began = time.time()
                     time.sleep(seconds)  # as an evaluation does, it records when it ran
@@ -499,7 +503,11 @@ def test_evaluations_run_as_soon_as_the_runs_they_read_finish_while_the_others_t
 
         # Side by side: the base's evaluation while all four train, ft's once it finished (the long ones still
         # training), the last once both long ones had.
+        all_threads = torch.get_num_threads()
         run, seen = run_all(4)
+        # While they trained, this process's evaluations took one process's share of the cores, as each of them.
+        share = max(1, len(os.sched_getaffinity(0)) // 4)
+        assert threads["of the base"] == threads["of ft"] == min(all_threads, share) and torch.get_num_threads() == all_threads
         assert seen == {"of the base": {"base"}, "of ft": {"base", "pi", "ft"}, "of the long ones": {"base", "pi", "ft", "ft_long", "pi_long"}}
         # ft's process ended while this process evaluated the base for 2.5 s: its seconds are its own (0.2 s of
         # sleep and a Python start), not until the evaluation let this process look.
