@@ -16,13 +16,14 @@
 # `python reproduce.py budget=gpu` (RUN_GPU_REPRODUCE_ARGS replaces `budget=gpu`) and brings back one archive,
 # $OUT/reproduction-gpu.tgz (the device tool returns at most 8 files): the report in report/, each stage's
 # records (runs/STAGE/{summary,reproduce_stage,eval_by_step}.json, runs/STAGE/logs/metrics.csv) and the
-# files of each evaluation the call finished or reused in eval/, and gpu_use_TIME.csv (nvidia-smi's utilization
-# and memory every second, one per call), so a run cut short still returns what it finished. The checkpoints stay on the machine. At commit 9cd9a49 budget=gpu needed more than 11 minutes on
-# an H200 (647 s for its stages and first evaluation alone), more than one call's 600 s. It now pretrains
-# half as long, no stage uses activation checkpointing, and the four fine-tunes (401 s one after the other
-# then) train side by side, one train.py process each (budget.parallel_stages; their output comes back as
-# runs/STAGE/process.log), while reproduce.py evaluates the base and then each fine-tune as it ends; it may fit. When a call is cut, make the same
-# call again at once, while the machine is warm (it is released after 30 s idle): the second call reuses
+# files of each evaluation the call finished or reused in eval/, and gpu_use_TIME.csv (nvidia-smi's
+# utilization and memory every second, one per call), so a run cut short still returns what it finished. The
+# checkpoints stay on the machine. At commit 9cd9a49 budget=gpu needed more than 11 minutes on an H200 (647 s
+# for its stages and first evaluation alone), more than one call's 600 s. It now pretrains half as long, no
+# stage uses activation checkpointing, and the four fine-tunes (401 s one after the other then) train side by
+# side, one train.py process each (budget.parallel_stages; their output comes back as runs/STAGE/process.log),
+# while reproduce.py evaluates the base and then each fine-tune as it ends; it may fit. When a call is cut,
+# make the same call again at once, while the machine is warm (it is released after 30 s idle): the second call reuses
 # the finished stages and evaluations, continues a stage cut midway from its last checkpoint (every 100
 # steps; an evaluation cut midway starts over) and uses the wheels the first call installed.
 # The step `ops` (bench/ops_per_step.py, about 20 s) measures what turning checkpointing off saves:
