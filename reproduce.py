@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> None:
 
 def reproduce(cfg: DictConfig) -> Path:
     """Run every stage (reusing finished ones) and write the report; returns the report folder."""
-    from reproduction.pipeline import Reproduction
+    from reproduction.pipeline import Reproduction, evaluation_name
 
     run = Reproduction(cfg)
     run.pretrain()
@@ -62,9 +62,9 @@ def reproduce(cfg: DictConfig) -> Path:
     fine_tunes, ablation_stages = [s.name for s in fine_tune_plan], [s.name for s in ablation_plan]
     run.run_stages(fine_tune_plan + ablation_plan, then=run.final_evaluations(fine_tunes, ablation_stages))
 
-    extensions = run.merged(["extensions_base", *(f"extensions_{name}" for name in fine_tunes)], run.extension_variants())
-    inside = run.merged(["inside_window_base", *(f"inside_window_{name}" for name in fine_tunes)],
-                        run.inside_window_variants())
+    extensions, inside = (run.merged([evaluation_name(table, part) for part in ("base", *fine_tunes)], rows)
+                          for table, rows in (("extensions", run.extension_variants()),
+                                              ("inside_window", run.inside_window_variants())))
     ablation = {**run.results["ablation_long_passkey"], "stages": ablation_stages} if ablation_stages else None
     timings = {name: stage.seconds for name, stage in run.stages.items()}
     # Each stage's and evaluation's own run time, also when reused from an earlier call; stages and evaluations

@@ -461,20 +461,21 @@ class Reproduction:
     def stages_wall_seconds(self) -> float:
         """Seconds the stages ran, time that several of them ran at once counted once (records from before
         start and finish times were kept count their own seconds)."""
-        spans = [span for s in self.stages.values() for span in s.spans]
-        return _covered(spans) + sum(s.seconds for s in self.stages.values() if not s.spans)
+        return _covered(self._stage_spans()) + sum(s.seconds for s in self.stages.values() if not s.spans)
 
     def wall_seconds(self) -> float:
         """Seconds the whole run took: the stages and the evaluations, time they shared counted once."""
-        spans = [span for s in self.stages.values() for span in s.spans] + list(self.evaluation_spans.values())
+        spans = self._stage_spans() + list(self.evaluation_spans.values())
         return (_covered(spans) + sum(s.seconds for s in self.stages.values() if not s.spans)
                 + sum(seconds for name, (seconds, _) in self.evaluations.items() if name not in self.evaluation_spans))
 
     def evaluation_seconds_while_training(self) -> float:
         """Seconds of evaluation made while some stage trained (in its own process)."""
-        stages = [span for s in self.stages.values() for span in s.spans]
-        evaluations = list(self.evaluation_spans.values())
+        stages, evaluations = self._stage_spans(), list(self.evaluation_spans.values())
         return _covered(stages) + _covered(evaluations) - _covered(stages + evaluations)
+
+    def _stage_spans(self) -> list[tuple[float, float]]:
+        return [span for s in self.stages.values() for span in s.spans]
 
     @functools.cached_property
     def data(self) -> Any:
@@ -602,14 +603,15 @@ class Reproduction:
         # to it, and what the fine-tunes keep of it.
         inside = {"passkey.window": self.window, "ppl.windows": f"[{self.window}]"}
         both = ["ppl", "passkey"]
-        plan = [self._pending("extensions_base", (), both, self.no_fine_tuning_variants, over_long),
-                self._pending("inside_window_base", (), both, self.inside_window_base_variants, inside),
+        plan = [self._pending(evaluation_name("extensions", "base"), (), both, self.no_fine_tuning_variants, over_long),
+                self._pending(evaluation_name("inside_window", "base"), (), both, self.inside_window_base_variants, inside),
                 self._pending("attention", (), ["attention"], lambda: [{"name": BASE_ROW, "ckpt": str(self.checkpoint("base"))}], {})]
         for stage in fine_tunes:
             def rows(stage: str = stage) -> list[dict[str, Any]]:
                 return self.stage_variants([stage]) + self.best_variants([stage] if stage in BEST_ROW_STAGES else [])
-            plan += [self._pending(f"extensions_{stage}", (stage,), both, rows, over_long),
-                     self._pending(f"inside_window_{stage}", (stage,), both, lambda stage=stage: self.stage_variants([stage]), inside)]
+            plan += [self._pending(evaluation_name("extensions", stage), (stage,), both, rows, over_long),
+                     self._pending(evaluation_name("inside_window", stage), (stage,), both,
+                                   lambda stage=stage: self.stage_variants([stage]), inside)]
         if ablation:
             plan.append(self._pending("ablation_long_passkey", tuple(ablation), both,
                                       lambda: self.stage_variants(list(ablation)), over_long))
@@ -712,6 +714,11 @@ def _threads_each(processes: int) -> int:
     share = max(1, cores // processes)
     asked = os.environ.get("OMP_NUM_THREADS", "")
     return min(share, int(asked)) if asked.isdigit() and int(asked) > 0 else share
+
+
+def evaluation_name(table: str, run: str) -> str:
+    """The folder (under work_dir/eval) of the evaluation of one run's rows of a report table ("base": the base's)."""
+    return f"{table}_{run}"
 
 
 def _covered(spans: Sequence[tuple[float, float]]) -> float:
