@@ -12,7 +12,7 @@
    the budget enables it) the four fine-tunes again with passkey prompts up to L' in their data.
 3. Evaluate all of them: sliding-window perplexity at L..L' (test split), passkey k_max, the
    by-step table from the fine-tuning runs (validation split), the attention-bound analysis.
-4. Write report_dir/README.md (tables laid out like the paper's, its numbers beside ours, and a
+4. Write report_dir/README.md (default work_dir/report; tables laid out like the paper's, its numbers beside ours, and a
    verdict on each claim), PNG plots and results.json.
 Settings: conf/reproduce.yaml and conf/budget/. Checkpoints stay in work_dir (git-ignored).
 """

@@ -18,6 +18,8 @@ import training.resolvers  # noqa: F401  (conf/config.yaml's ${run_dir_or:...}, 
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that signal ended
 # Jobs of a multirun sweep that failed: the sweep goes on past them and exits non-zero at the end.
 failed_jobs: list[str] = []
+# Whether one of them failed by an error other than the project's refusals (an out-of-memory, a bug): exit 1, not 2.
+unexpected_failure = False
 # run_dir of each job of a sweep so far (Hydra's basic launcher runs them one after the other in this process).
 sweep_run_dirs: dict[str, str] = {}
 
@@ -100,11 +102,45 @@ def main(cfg: DictConfig) -> None:
             print("stopped by SIGTERM; checkpoints/last.ckpt in the run folder was saved first: continue with the "
                   "same overrides and resume=<that path>.", file=sys.stderr)
         sys.exit(SIGTERM_EXIT_CODE)
+    except Exception as error:
+        job = _sweep_job()
+        if job is None:
+            raise
+        # Hydra would record it, run the other jobs and then raise the first such error with exit status 1, without
+        # the list of the jobs refused above. The traceback goes to this job's log now; the list names it too.
+        _record_unexpected_failure(job, error)
+
+
+def _record_unexpected_failure(job: str, error: Exception) -> None:
+    global unexpected_failure
+    logging.getLogger("train").exception("%s failed", job)
+    failed_jobs.append(f"{job}: {type(error).__name__}: {error} (traceback in the job's log, {_job_log()})")
+    unexpected_failure = True
+    import gc
+
+    import torch
+
+    gc.collect()  # the failed job's model and optimizer, before the next job allocates its own
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _job_log() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    return os.path.join(hydra_cfg.runtime.output_dir, f"{hydra_cfg.job.name}.log")
+
+
+def finish_sweep() -> None:
+    """After a multirun sweep: list its failed jobs and exit 2 (refused ones only) or 1 (any other error)."""
+    if not failed_jobs:
+        return
+    if _first_process():
+        print(f"error: {len(failed_jobs)} job(s) of the sweep failed:\n  " + "\n  ".join(failed_jobs), file=sys.stderr)
+    sys.exit(1 if unexpected_failure else 2)
 
 
 if __name__ == "__main__":
     main()
-    if failed_jobs:
-        if _first_process():
-            print(f"error: {len(failed_jobs)} job(s) of the sweep failed:\n  " + "\n  ".join(failed_jobs), file=sys.stderr)
-        sys.exit(2)
+    finish_sweep()

@@ -80,7 +80,7 @@ def source_identity(
 
 def _existing(path: str | None, source: str, want_dir: bool) -> Path:
     """The resolved `path`, checked to exist and to be a folder (text_dir) or a file (jsonl)."""
-    kind = "folder of .txt files" if want_dir else "a .jsonl, .jsonl.gz or .jsonl.xz file"
+    kind = "folder of .txt files" if want_dir else ".jsonl, .jsonl.gz or .jsonl.xz file"
     if path is None or str(path).strip() in ("", "???"):
         raise DataError(f"data source {source!r} needs data.path; set it to a {kind}")
     p = Path(path).expanduser().resolve()

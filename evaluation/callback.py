@@ -32,6 +32,24 @@ from evaluation.perplexity import prepare_documents, sliding_window_perplexity, 
 log = logging.getLogger(__name__)
 
 
+def default_document_cut(windows: Sequence[int]) -> int:
+    """Tokens read per document when none are given: twice the longest window, at least 4096.
+
+    A document no longer than a window is read in one piece, so its score is the same at every longer
+    window: cut shorter than the longest window, that column would repeat the one before it. Twice the
+    window lets it slide over half a document; 4096 keeps short windows reading as much text as before.
+    """
+    return max(4096, 2 * max(windows))
+
+
+def _warn_short_documents(documents: Sequence[np.ndarray], windows: Sequence[int], split: str) -> None:
+    for window in windows:
+        short = sum(len(doc) < window for doc in documents)
+        if short:  # read whole, with less context than the window: the column then says less than its name
+            log.warning("by-step evaluation: %d of %d %s documents are shorter than the window %d; they are read "
+                        "whole, with less context (eval.max_tokens_per_document cuts them, if set)", short, len(documents), split, window)
+
+
 class ExtensionEvalCallback(Callback):
     """Evaluate sliding-window perplexity at several windows and passkey k_max every `every_n_steps` steps."""
 
@@ -43,7 +61,7 @@ class ExtensionEvalCallback(Callback):
         max_stride_fraction: float | None = 0.125,
         split: str = "validation",
         max_documents: int | None = 2,
-        max_tokens_per_document: int | None = 4096,
+        max_tokens_per_document: int | None = None,
         batch_size: int = 4,
         passkey_window: int | None = None,
         passkey_positions: int = 8,
@@ -59,6 +77,8 @@ class ExtensionEvalCallback(Callback):
             raise EvaluationError(f"windows={list(windows)} must be a non-empty list of lengths >= 2.")
         self.every_n_steps, self.windows, self.stride, self.split = every_n_steps, list(windows), stride, split
         self.max_stride_fraction = max_stride_fraction  # as evaluate.py's ppl.max_stride_fraction
+        if max_tokens_per_document is None:
+            max_tokens_per_document = default_document_cut(self.windows)
         self.max_documents, self.max_tokens_per_document, self.batch_size = max_documents, max_tokens_per_document, batch_size
         self.passkey_window, self.passkey_positions, self.passkey_trials = passkey_window, passkey_positions, passkey_trials
         self.at_start, self.out_path, self.seed = at_start, Path(out_path) if out_path else None, seed
@@ -90,6 +110,7 @@ class ExtensionEvalCallback(Callback):
         """One row: perplexity per window and passkey k_max for `model` now."""
         if self._documents is None:
             self._documents = prepare_documents(datamodule.documents(self.split), self.max_documents, self.max_tokens_per_document)
+            _warn_short_documents(self._documents, self.windows, self.split)
         row: dict[str, Any] = {"step": step}
         for window in self.windows:
             check_window(model, window, f"the callback's ppl window {window}")

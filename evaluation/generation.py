@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from evaluation.errors import EvaluationError
+from evaluation.perplexity import float32_logits
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
@@ -54,7 +55,7 @@ def generate(
     hidden = model.hidden_states(torch.tensor([list(prompt)], device=device), cache)[:, -1]
     new: list[int] = []
     for _ in range(max_new_tokens):
-        token = sample_next(model.output(hidden), temperature, top_p, generator)  # (1,)
+        token = sample_next(float32_logits(model, hidden), temperature, top_p, generator)  # (1,)
         new.append(int(token))
         if eos_id is not None and new[-1] == eos_id:
             break

@@ -19,6 +19,7 @@ import torch
 # One layout for training documents and evaluation prompts (re-exported here for the evaluation's users).
 from data.synthetic_passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION, PasskeyPrompt, PasskeyPrompter, TokenizerLike  # noqa: F401
 from evaluation.errors import EvaluationError
+from evaluation.perplexity import float32_logits
 from model.args import ModelArgs
 
 DEFAULT_THRESHOLD = 0.2  # the paper: every k' <= k_max retrieves the key in at least 20% of trials
@@ -118,7 +119,7 @@ def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, n_new: i
     hidden = model.hidden_states(prompts, cache)[:, -1:]
     generated = []
     for step in range(n_new):
-        next_token = model.output(hidden).argmax(-1)  # (b, 1)
+        next_token = float32_logits(model, hidden).argmax(-1)  # (b, 1)
         generated.append(next_token)
         if step + 1 < n_new:
             hidden = model.hidden_states(next_token, cache)

@@ -31,7 +31,7 @@ from evaluation import (
 from evaluation import passkey as passkey_module
 from evaluation.attention import analyse_coefficients, inverse_frequencies, scores
 from evaluation.passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION, greedy_continuations, is_retrieved
-from evaluation.perplexity import prepare_documents
+from evaluation.perplexity import float32_logits, prepare_documents
 from model.position import apply_rotation
 
 VOCAB = 320
@@ -135,6 +135,26 @@ def test_output_head_runs_on_scored_positions_only():
     assert rows[0] == (1, 31)  # the first window scores all its tokens
     assert all(n == 8 and b <= 2 for b, n in rows[1:])
     assert sum(b * n for b, n in rows) == 199
+
+
+def test_the_output_head_is_read_in_float32_from_a_bf16_model_and_under_autocast():
+    """bf16 logits are rounded to 8 bits of mantissa, as large as the gaps the paper's tables report: the
+    evaluations apply the head in float32 to the (bf16) hidden states."""
+    model = tiny_model()
+    hidden = torch.randn(2, 5, model.args.dim, generator=torch.Generator().manual_seed(0))
+    weight = model.output.weight.detach().clone()
+    under_autocast_exact = hidden @ weight.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.output(hidden).dtype == torch.bfloat16  # what the head gives there by itself
+        logits = float32_logits(model, hidden)
+    assert logits.dtype == torch.float32 and torch.allclose(logits, under_autocast_exact, rtol=1e-5, atol=1e-6)
+
+    model = model.to(torch.bfloat16)
+    hidden = hidden.bfloat16()
+    exact = hidden.float() @ model.output.weight.float().T  # float32 arithmetic on the bf16 values
+    logits = float32_logits(model, hidden)
+    assert logits.dtype == torch.float32 and torch.allclose(logits, exact, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.output(hidden).float(), logits)  # the bf16 head rounds
 
 
 def test_long_first_windows_make_their_logits_a_chunk_at_a_time(monkeypatch):

@@ -23,6 +23,7 @@ from test_evaluation import VOCAB, tokenizer  # noqa: F401  (the session-scoped 
 from evaluation import EvaluationError
 from evaluation.callback import ExtensionEvalCallback
 from evaluation.passkey import FILLER, INSTRUCTION, QUESTION
+from evaluation.perplexity import sliding_window_perplexity
 from evaluation.run import evaluate
 from data.tokenizer import train_tokenizer
 from model.checkpoints import project_payload, tokenizer_info
@@ -406,3 +407,47 @@ def test_callback_skips_a_passkey_that_does_not_fit_and_clamps_the_stride(tokeni
     row = callback.evaluate_model(model, _Data(tokenizer), step=0)
     assert set(row) == {"step", "ppl_16", "ppl_32"}  # stride 256 > window: read with stride window/8
     assert callback._passkey_skipped
+
+
+class _PositionScorer(torch.nn.Module):
+    """A stand-in model whose next-token distribution depends on the position only (log(1 + p) and a constant
+    through a random head): its perplexity at a window depends on which positions the protocol reads, and a
+    forward over 8192 tokens costs next to nothing."""
+
+    position = None  # any length can be read
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.output = torch.nn.Linear(2, vocab, bias=False)
+        torch.nn.init.normal_(self.output.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        p = torch.arange(tokens.shape[1], dtype=torch.float32)
+        return torch.stack([torch.log1p(p), torch.ones_like(p)], -1).expand(tokens.shape[0], -1, -1)
+
+
+class _LongDocuments:
+    def __init__(self, length: int) -> None:
+        rng = np.random.default_rng(1)
+        self._docs = [rng.integers(3, VOCAB, length) for _ in range(2)]
+
+    def documents(self, split):
+        return self._docs
+
+
+def test_by_step_columns_past_4096_tokens_read_documents_longer_than_their_window(caplog):
+    """The by-step table at L' = 8192 (the paper's PG-19 fine-tunes): each column reads every document sliding at
+    its own window. Cut at 4096 tokens (the old fixed default), 8192 read each document as one window, as 4096 did."""
+    scorer, data = _PositionScorer(VOCAB), _LongDocuments(20_000)
+    callback = ExtensionEvalCallback(windows=[4096, 8192], max_documents=2, passkey_trials=0, batch_size=16)
+    row = callback.evaluate_model(scorer, data, step=0)
+    kept = [doc[:16_384] for doc in data.documents("validation")]  # twice the longest window
+    for window in (4096, 8192):
+        assert row[f"ppl_{window}"] == sliding_window_perplexity(scorer, kept, window, 256, 16).ppl
+    assert abs(row["ppl_8192"] - row["ppl_4096"]) > 1e-3 * row["ppl_4096"]
+
+    cut = ExtensionEvalCallback(windows=[4096, 8192], max_documents=2, max_tokens_per_document=4096, passkey_trials=0)
+    with caplog.at_level("WARNING", logger="evaluation.callback"):
+        short = cut.evaluate_model(scorer, data, step=0)
+    assert short["ppl_8192"] == short["ppl_4096"]  # one window per document in both columns: nothing measured
+    assert "2 of 2 validation documents are shorter than the window 8192" in caplog.text

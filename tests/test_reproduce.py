@@ -283,6 +283,12 @@ def test_every_budget_composes_into_valid_training_configs(budget: str) -> None:
                 f"data.passkey_share={cfg.budget.passkey_share}", *([f"model.max_seq_len={b.window}"] if b.get("window") else []),
             ])
             validate(train_cfg)
+        # The report replaces its folder: by default it goes beside the runs, in a folder git ignores, never over
+        # a committed report in results/.
+        report, work = Path(cfg.report_dir), Path(cfg.work_dir)
+        assert report.is_relative_to(work) and not report.is_relative_to("results")
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(report / "README.md")], cwd=REPO)
+        assert ignored.returncode == 0, f"{report} is not git-ignored"
 
 
 def test_the_base_is_evaluated_by_step_only_where_the_budget_asks(tmp_path: Path) -> None:

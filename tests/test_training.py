@@ -402,6 +402,7 @@ def test_multirun_sweep_composes(tmp_path):
         (["eval.every_n_steps=-1"], r"eval.every_n_steps=-1 must be an integer >= 0 \(0 turns the evaluation off\)"),
         (["eval.windows=[64,abc]"], r"eval.windows=.* must be null .* or a list of integers >= 2"),
         (["eval.max_documents=0"], "eval.max_documents=0 must be an integer >= 1"),
+        (["eval.max_tokens_per_document=1"], r"eval.max_tokens_per_document=1 must be null \(twice the longest window"),
         (["position=absolute", "eval.every_n_steps=1", "eval.windows=[256,512]"],
          r"eval.windows=\[256, 512\] reaches past the 256 positions of the learned absolute table"),
     ],
@@ -429,6 +430,32 @@ def test_a_sweep_runs_on_past_a_refused_job_and_exits_non_zero_listing_it(tmp_pa
     assert "error: 1 job(s) of the sweep failed:\n  job 0 (experiment=smoke position=pi" in result.stderr
     assert "position=pi at scale 1 reads positions exactly as plain RoPE does" in result.stderr
     assert list((tmp_path / "sweep" / "1").rglob("last.ckpt")), "the RoPE job after the refused one did not run"
+
+
+def test_a_sweep_goes_on_past_an_unexpected_error_and_lists_it_with_the_refused_jobs(tmp_path):
+    """An out-of-memory in job 0 (simulated: train() patched to raise), a refusal in job 1, job 2 runs: the sweep
+    lists both failures, with job 0's traceback in its log, and exits 1 (an error that is not the user's)."""
+    script = f"""
+import runpy, sys, training.run
+from training.config import ConfigError
+
+def fake_train(cfg):
+    if cfg.seed == 1:
+        raise RuntimeError("CUDA out of memory (simulated)")
+    if cfg.seed == 2:
+        raise ConfigError("refused by a check")
+    open({str(tmp_path / "job2_ran")!r}, "w").close()
+
+training.run.train = fake_train
+sys.argv = ["train.py", "-m", "experiment=smoke", "seed=1,2,3", "hydra.sweep.dir={tmp_path}/sweep", "run_dir=null"]
+runpy.run_path("train.py", run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: 2 job(s) of the sweep failed:\n  job 0 (experiment=smoke seed=1 run_dir=null): RuntimeError: CUDA out of memory (simulated) (traceback in" in result.stderr
+    assert "\n  job 1 (experiment=smoke seed=2 run_dir=null): refused by a check" in result.stderr
+    assert "Traceback (most recent call last)" in (tmp_path / "sweep" / "0" / "train.log").read_text()
+    assert (tmp_path / "job2_ran").exists(), "the job after the failed ones did not run"
 
 
 def test_a_sweep_refuses_a_job_whose_run_dir_an_earlier_job_used(tmp_path):

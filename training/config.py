@@ -129,6 +129,10 @@ def validate_eval(settings: DictConfig, position: Any = None) -> None:
         if not counts(settings[key], least):
             raise ConfigError(f"eval.{key}={settings[key]!r} must be an integer >= {least}"
                               + (" (0 turns the evaluation off)." if key == "every_n_steps" else "."))
+    cut = settings.max_tokens_per_document
+    if cut is not None and not counts(cut, 2):
+        raise ConfigError(f"eval.max_tokens_per_document={cut!r} must be null (twice the longest window, at least 4096) "
+                          "or an integer >= 2.")
     windows = settings.windows
     if windows is not None and (isinstance(windows, str) or not hasattr(windows, "__len__") or not windows
                                 or not all(counts(w, 2) for w in windows)):

@@ -333,6 +333,7 @@ def _trainer(
         windows = list(cfg.eval.windows or sorted({task.args.max_seq_len, seq_len}))
         callbacks.append(ExtensionEvalCallback(every_n_steps=int(cfg.eval.every_n_steps), windows=windows,
                                                max_documents=int(cfg.eval.max_documents),
+                                               max_tokens_per_document=cfg.eval.max_tokens_per_document,
                                                passkey_trials=int(cfg.eval.passkey_trials),
                                                batch_size=int(cfg.eval.batch_size),
                                                passkey_window=seq_len,  # the window being trained
