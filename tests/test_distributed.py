@@ -148,3 +148,21 @@ def test_fsdp_with_bf16_mixed_and_activation_checkpointing_trains_close_to_float
     got = losses(tmp_path)
     for step in range(3):
         assert got[step] == pytest.approx(one_process["losses"][step], abs=0.05), step
+
+
+@pytest.mark.slow
+def test_a_ddp_sweep_goes_on_past_a_diverged_job(cache_dir, tmp_path):
+    """`-m` with trainer.strategy=ddp: Lightning starts rank 1 with the sweep's own command line, so both ranks run
+    every job in order; a job that diverges on both (lr 1e12) fails in each, and the next job still trains on two."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", "experiment=smoke", f"data.cache_dir={cache_dir}", "trainer.devices=2",
+         "trainer.strategy=ddp", "stage=pretrain", "register_base=false", "optim.pretrain.max_steps=6",
+         "optim.pretrain.lr=1e12,5e-4", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert result.stderr.count("error: 1 job(s) of the sweep failed:\n  job 0 (") == 1  # printed by rank 0 only
+    assert "the training loss became nan at step" in result.stderr
+    assert not (tmp_path / "0" / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "1" / "checkpoints" / "last.ckpt").exists()
+    assert (result.stdout + result.stderr).count("All distributed processes registered. Starting with 2 processes") == 2
