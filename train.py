@@ -22,6 +22,7 @@ failed_jobs: list[str] = []
 unexpected_failure = False
 # run_dir of each job of a sweep so far (Hydra's basic launcher runs them one after the other in this process).
 sweep_run_dirs: dict[str, str] = {}
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
 def _first_process() -> bool:
@@ -30,13 +31,20 @@ def _first_process() -> bool:
 
 
 def _sweep_job() -> str | None:
-    """"job 3 (position=pi scale=1)" inside a multirun sweep, None in a single run."""
+    """"job 3 (position=pi scale=1)" inside a multirun sweep run in this process, else None.
+
+    Only Hydra's basic launcher runs the jobs here, one after the other, so that this process can list their
+    failures at the end; under another launcher (submitit, joblib, ray) each job is a process of its own and
+    fails as a single run does, which that launcher records.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.launcher.get("_target_") != BASIC_LAUNCHER:
+        return None
     return f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
 
 
@@ -44,7 +52,7 @@ def _fail(error: Exception) -> None:
     """A user's mistake (or a diverged run) gets one sentence and exit status 2, not a traceback.
 
     In a multirun sweep the other jobs still run (one refused value should not cost a sweep its other runs);
-    the sweep lists its failed jobs at the end and exits 2.
+    the sweep lists its failed jobs at the end and exits 2 (1 when another error failed one of them).
     """
     job = _sweep_job()
     if job is not None:  # logged now, listed again on stderr when the sweep ends
@@ -109,38 +117,67 @@ def main(cfg: DictConfig) -> None:
         # Hydra would record it, run the other jobs and then raise the first such error with exit status 1, without
         # the list of the jobs refused above. The traceback goes to this job's log now; the list names it too.
         _record_unexpected_failure(job, error)
+        if _distributed():
+            # One rank's error (an out-of-memory) need not be the others': they may wait in a collective of this job
+            # while this one starts the next. The sweep ends here.
+            sys.exit(1)
+    else:
+        return
+    # Out of the except block, whose traceback held the failed job's frames: its model and optimizer can go now,
+    # before the next job allocates its own.
+    _release_memory()
 
 
 def _record_unexpected_failure(job: str, error: Exception) -> None:
     global unexpected_failure
     logging.getLogger("train").exception("%s failed", job)
-    failed_jobs.append(f"{job}: {type(error).__name__}: {error} (traceback in the job's log, {_job_log()})")
+    first_line = next(iter(str(error).strip().splitlines()), "")  # a CUDA out-of-memory message runs to several
+    failed_jobs.append(f"{job}: {type(error).__name__}: {first_line} (traceback {_log_files()})")
     unexpected_failure = True
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _release_memory() -> None:
     import gc
 
     import torch
 
-    gc.collect()  # the failed job's model and optimizer, before the next job allocates its own
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _job_log() -> str:
-    from hydra.core.hydra_config import HydraConfig
+def _log_files() -> str:
+    """Where the traceback just logged went: the job's log file(s) as Hydra's job logging set them up."""
+    files = [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return "in " + ", ".join(files) if files else "above"
 
-    hydra_cfg = HydraConfig.get()
-    return os.path.join(hydra_cfg.runtime.output_dir, f"{hydra_cfg.job.name}.log")
 
-
-def finish_sweep() -> None:
-    """After a multirun sweep: list its failed jobs and exit 2 (refused ones only) or 1 (any other error)."""
-    if not failed_jobs:
-        return
-    if _first_process():
+def list_failed_jobs() -> None:
+    """After a multirun sweep, or when one is stopped (Ctrl-C, SIGTERM): its failed jobs so far, once."""
+    if failed_jobs and _first_process():
         print(f"error: {len(failed_jobs)} job(s) of the sweep failed:\n  " + "\n  ".join(failed_jobs), file=sys.stderr)
-    sys.exit(1 if unexpected_failure else 2)
+
+
+def exit_status_of_sweep() -> int:
+    """2 when every failed job was refused by the project's checks, 1 when another error failed one, else 0.
+
+    Only the first process says so: under Lightning's DDP launcher, rank 0 is killed when another rank ends
+    with a non-zero status before rank 0 has finished.
+    """
+    if not failed_jobs or not _first_process():
+        return 0
+    return 1 if unexpected_failure else 2
 
 
 if __name__ == "__main__":
-    main()
-    finish_sweep()
+    try:
+        main()
+    finally:
+        list_failed_jobs()
+    sys.exit(exit_status_of_sweep())

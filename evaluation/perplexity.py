@@ -42,17 +42,17 @@ class Scorer(Protocol):
 
 
 def float32_logits(model: Scorer, hidden: Tensor) -> Tensor:
-    """The output head in float32, whatever the model's dtype and under autocast too.
+    """The output head in float32 at least, from a bf16/fp16 model and under autocast too.
 
-    bf16 logits are rounded to steps of 1/16 to 1/8 at the magnitudes LLaMA's logits reach (8 to 32):
-    about 0.1% of perplexity, as large as the smallest gaps the paper reports (6.95 vs 6.96), and ties
-    between digit tokens that bias greedy passkey answers towards the lower token id. A Linear head of
-    another dtype, or under autocast, is therefore applied in float32 (the weight's float copy lives for
-    one call); a float32 one, or another kind of head, is called as it is.
+    bf16 logits are rounded to steps of 1/16 to 1/8 at the magnitudes LLaMA's logits reach (8 to 32): each
+    token's log-likelihood moves by up to a few hundredths of a nat, and greedy passkey answers meet ties
+    between digit tokens, which argmax breaks towards the lower token id. A half-precision Linear head, or
+    one under autocast, is therefore applied in float32 (the weight's float copy lives for one call; only
+    scored positions reach the head, so this costs little beside the model); any other head is called as it is.
     """
     head = model.output
     lower_precision = isinstance(head, torch.nn.Linear) and (
-        head.weight.dtype != torch.float32 or torch.is_autocast_enabled(hidden.device.type))
+        head.weight.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(hidden.device.type))
     if not lower_precision:
         return head(hidden).float()
     bias = head.bias.float() if head.bias is not None else None

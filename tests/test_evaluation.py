@@ -157,6 +157,32 @@ def test_the_output_head_is_read_in_float32_from_a_bf16_model_and_under_autocast
     assert not torch.equal(model.output(hidden).float(), logits)  # the bf16 head rounds
 
 
+class _TieInBf16(torch.nn.Module):
+    """A bf16 decoder whose every hidden state is (1, 1) and whose head scores token 5 at 8.0 and token 7 at
+    8.03125: in bf16 (steps of 1/16 at 8) the two tie and argmax takes 5; in float32, 7 is the answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output = torch.nn.Linear(2, 10, bias=False).to(torch.bfloat16)
+        with torch.no_grad():
+            self.output.weight.zero_()
+            self.output.weight[5] = torch.tensor([8.0, 0.0])
+            self.output.weight[7] = torch.tensor([8.0, 0.03125])
+
+    def new_cache(self, batch: int, length: int) -> None:
+        return None
+
+    def hidden_states(self, tokens: torch.Tensor, cache: None = None) -> torch.Tensor:
+        return torch.ones(*tokens.shape, 2, dtype=torch.bfloat16)
+
+
+def test_greedy_passkey_decoding_and_generation_read_a_bf16_head_in_float32():
+    model = _TieInBf16()
+    assert int(model.output(model.hidden_states(torch.ones(1, 1))).argmax(-1)) == 5  # the bf16 head's tie
+    assert greedy_continuations(model, torch.ones(2, 3, dtype=torch.long), 2).tolist() == [[7, 7], [7, 7]]
+    assert generate(model, [1, 2, 3], max_new_tokens=2, temperature=0) == [7, 7]
+
+
 def test_long_first_windows_make_their_logits_a_chunk_at_a_time(monkeypatch):
     """A first window scores all its tokens: at 32k tokens and a 128k vocabulary its float32 logits alone would
     be 16 GiB. The head sees at most LOGIT_CHUNK_TOKENS scored positions of the batch at a time, and the

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from test_evaluation import VOCAB, tokenizer  # noqa: F401  (the session-scoped tokenizer fixture)
 
 from evaluation import EvaluationError
-from evaluation.callback import ExtensionEvalCallback
+from evaluation.callback import ExtensionEvalCallback, default_document_cut
 from evaluation.passkey import FILLER, INSTRUCTION, QUESTION
 from evaluation.perplexity import sliding_window_perplexity
 from evaluation.run import evaluate
@@ -451,3 +451,5 @@ def test_by_step_columns_past_4096_tokens_read_documents_longer_than_their_windo
         short = cut.evaluate_model(scorer, data, step=0)
     assert short["ppl_8192"] == short["ppl_4096"]  # one window per document in both columns: nothing measured
     assert "2 of 2 validation documents are shorter than the window 8192" in caplog.text
+    # Short windows (every shipped budget's: L' <= 2048) read 4096 tokens per document, as before the default grew.
+    assert default_document_cut([128, 256, 512, 1024]) == default_document_cut([256, 2048]) == 4096

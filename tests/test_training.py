@@ -436,15 +436,24 @@ def test_a_sweep_goes_on_past_an_unexpected_error_and_lists_it_with_the_refused_
     """An out-of-memory in job 0 (simulated: train() patched to raise), a refusal in job 1, job 2 runs: the sweep
     lists both failures, with job 0's traceback in its log, and exits 1 (an error that is not the user's)."""
     script = f"""
-import runpy, sys, training.run
+import gc, runpy, sys, weakref, training.run
 from training.config import ConfigError
+
+gc.disable()  # only the sweep's own collection frees what the failed job left
+held_by_failed_job = []
+
+class Held:  # in a cycle, as a Trainer and its LightningModule are
+    pass
 
 def fake_train(cfg):
     if cfg.seed == 1:
-        raise RuntimeError("CUDA out of memory (simulated)")
+        held = Held()
+        held.me = held
+        held_by_failed_job.append(weakref.ref(held))
+        raise RuntimeError("CUDA out of memory (simulated)\\nTried to allocate ...")
     if cfg.seed == 2:
         raise ConfigError("refused by a check")
-    open({str(tmp_path / "job2_ran")!r}, "w").close()
+    open({str(tmp_path / "job2_ran")!r}, "w").write("freed" if held_by_failed_job[0]() is None else "still held")
 
 training.run.train = fake_train
 sys.argv = ["train.py", "-m", "experiment=smoke", "seed=1,2,3", "hydra.sweep.dir={tmp_path}/sweep", "run_dir=null"]
@@ -452,10 +461,11 @@ runpy.run_path("train.py", run_name="__main__")
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "error: 2 job(s) of the sweep failed:\n  job 0 (experiment=smoke seed=1 run_dir=null): RuntimeError: CUDA out of memory (simulated) (traceback in" in result.stderr
+    assert "error: 2 job(s) of the sweep failed:\n  job 0 (experiment=smoke seed=1 run_dir=null): RuntimeError: CUDA out of memory (simulated) (traceback in " in result.stderr
+    assert "Tried to allocate" not in result.stderr.split("job(s) of the sweep failed")[1]  # one line per job
     assert "\n  job 1 (experiment=smoke seed=2 run_dir=null): refused by a check" in result.stderr
     assert "Traceback (most recent call last)" in (tmp_path / "sweep" / "0" / "train.log").read_text()
-    assert (tmp_path / "job2_ran").exists(), "the job after the failed ones did not run"
+    assert (tmp_path / "job2_ran").read_text() == "freed"  # the job after the failed ones ran, without their memory
 
 
 def test_a_sweep_refuses_a_job_whose_run_dir_an_earlier_job_used(tmp_path):
