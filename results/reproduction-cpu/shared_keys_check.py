@@ -7,6 +7,10 @@ rebuilds recipe 4's training keys and compares success on shared and other keys,
 (row, distance) cells of the evaluations that produced the report.
 
     python results/reproduction-cpu/shared_keys_check.py [WORK_DIR]   # default outputs/reproduce/cpu
+
+It reads that run's work folder as it was: one evaluation folder per table (eval/extensions,
+eval/inside_window, eval/ablation_long_passkey). reproduce.py now writes one per run
+(eval/extensions_base, eval/extensions_pi, ...), and only recipe-4 runs have keys to compare.
 """
 import json
 import random
