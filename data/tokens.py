@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from data.errors import DataError
+from data.files import fsync_directory, fsync_file, private_suffix
 from data.splits import SPLITS
 from data.synthetic_passkey import BlockPlacement
 from data.tokenizer import Tokenizer
@@ -44,8 +46,37 @@ def encoded(documents: Sequence[str], tokenizer: Tokenizer) -> Iterator[list[int
 
 
 def is_complete(directory: Path) -> bool:
-    """Whether `directory` holds a finished token cache."""
-    return (directory / META_FILE).is_file()
+    """Whether `directory` holds a finished token cache whose files are as long as its meta.json says.
+
+    A damaged one (a copy cut short, a crash of a machine that had not written the files out) counts as
+    unfinished, so it is built again rather than read past its end hours into a run.
+    """
+    if not (directory / META_FILE).is_file():
+        return False
+    damage = cache_damage(directory)
+    if damage is not None:
+        log.warning("the token cache %s is damaged (%s); building it again", directory, damage)
+    return damage is None
+
+
+def cache_damage(directory: Path) -> str | None:
+    """What in the finished-looking cache `directory` disagrees with its meta.json (None: nothing)."""
+    try:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split, counts in meta["splits"].items():
+            tokens, offsets_file = directory / f"{split}.bin", directory / f"{split}.idx.npy"
+            if not tokens.is_file() or not offsets_file.is_file():
+                return f"{tokens.name} or {offsets_file.name} is missing"
+            if tokens.stat().st_size != counts["num_tokens"] * itemsize:
+                return (f"{tokens.name} holds {tokens.stat().st_size // itemsize:,} tokens, meta.json says "
+                        f"{counts['num_tokens']:,}")
+            offsets = np.load(offsets_file, mmap_mode="r")
+            if len(offsets) != counts["num_documents"] + 1 or int(offsets[-1]) != counts["num_tokens"]:
+                return f"{offsets_file.name} does not end at the {counts['num_tokens']:,} tokens meta.json says"
+    except (OSError, ValueError, KeyError, TypeError) as error:  # unreadable JSON or offsets, a field missing
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def write_token_cache(
@@ -63,8 +94,9 @@ def write_token_cache(
     """
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    # Per-process temp names: concurrent builders (e.g. one per node) never clobber each other.
-    suffix = f".{os.getpid()}.tmp"
+    # Per-writer temp names: concurrent builders (e.g. one per node on a shared file system) never clobber each
+    # other; each one's files are on disk before they are renamed into place, and meta.json comes last.
+    suffix = private_suffix()
     start = time.perf_counter()
     splits: dict[str, Any] = {}
     for split in SPLITS:
@@ -78,8 +110,11 @@ def write_token_cache(
             for ids in pieces:
                 f.write(np.asarray(ids, dtype=dtype).tobytes())
                 offsets.append(offsets[-1] + len(ids))
+            f.flush()
+            os.fsync(f.fileno())
         idx_tmp = directory / f"{split}.idx{suffix}.npy"
         np.save(idx_tmp, np.frombuffer(offsets, dtype=np.int64))
+        fsync_file(idx_tmp)
         os.replace(bin_tmp, directory / f"{split}.bin")
         os.replace(idx_tmp, directory / f"{split}.idx.npy")
         splits[split] = {"num_tokens": offsets[-1], "num_documents": len(offsets) - 1}
@@ -97,8 +132,11 @@ def write_token_cache(
         "splits": splits,
     }
     meta_tmp = directory / f"{META_FILE}{suffix}"
+    fsync_directory(directory)  # the data files' renames, before meta.json says they are there
     meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+    fsync_file(meta_tmp)
     os.replace(meta_tmp, directory / META_FILE)
+    fsync_directory(directory)
     log.info(
         "tokenized %s in %.1f s -> %s",
         ", ".join(f"{s}: {v['num_documents']} docs / {v['num_tokens']:,} tokens" for s, v in splits.items()),
@@ -115,6 +153,10 @@ class TokenStore:
         """Open `split` of the finished cache in `directory`."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        damage = cache_damage(Path(directory))
+        if damage is not None:
+            raise DataError(f"the token cache {directory} is damaged ({damage}); delete that folder and run again to "
+                            "build it anew.")
         meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
         self.directory = Path(directory)
         self.split = split

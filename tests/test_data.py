@@ -251,6 +251,31 @@ def test_cache_is_reused_without_tokenizing(shk: TextDataModule, monkeypatch: py
     assert dm.store("train").num_tokens == shk.store("train").num_tokens
 
 
+def test_a_damaged_token_cache_is_refused_then_built_again(shk: TextDataModule, tmp_path: Path, caplog) -> None:
+    """A cache whose meta.json is there but whose train.bin was cut short (a copy that stopped, a machine that
+    crashed before writing it out) is not read past its end: opened directly it is refused with the fix, and the
+    DataModule builds it again, to the same tokens."""
+    import shutil
+
+    from data.tokens import TokenStore, is_complete
+
+    cache = tmp_path / "cache"
+    shutil.copytree(shk.cache_dir, cache)
+    dm = TextDataModule(seq_len=128, batch_size=4, cache_dir=str(cache))
+    tokens = dm.token_dir / "train.bin"
+    full = tokens.read_bytes()
+    tokens.write_bytes(full[: len(full) // 2])
+    with caplog.at_level(logging.WARNING, logger="data"):
+        assert not is_complete(dm.token_dir)
+    assert "is damaged (train.bin holds" in caplog.text
+    with pytest.raises(DataError, match=r"is damaged .*; delete that folder and run again"):
+        TokenStore(dm.token_dir, "train")
+    dm.prepare()
+    assert tokens.read_bytes() == full and is_complete(dm.token_dir)
+    assert np.array_equal(dm.store("train").document(3), shk.store("train").document(3))
+    assert not list(dm.token_dir.glob("*.tmp")) and not list(dm.token_dir.glob("*tmp.npy"))
+
+
 def test_different_tokenizer_different_key(shk: TextDataModule, tmp_path: Path) -> None:
     other = train_tokenizer([_prose(0), _prose(1)], tmp_path / "other.model", 300)
     dm = TextDataModule(seq_len=128, tokenizer=str(other.path), cache_dir=str(shk.cache_dir))

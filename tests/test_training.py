@@ -245,6 +245,19 @@ def test_init_keeps_its_own_tokenizer_and_refuses_a_data_tokenizer_of_another_vo
         train(smoke(cache_dir, tmp_path / "other", f"init={wide.last_checkpoint}", f"data.tokenizer={tokenizer}", *one_step))
 
 
+def test_a_corpus_edited_in_place_gets_a_bundled_base_of_its_own(tmp_path):
+    """The old base may have trained on documents the edited corpus now holds out (splits follow the documents)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in "abc":
+        (corpus / f"{name}.txt").write_text(f"play {name}\n" * 20)
+    cfg = compose_config("experiment=smoke", "data=text_dir", f"data.path={corpus}", f"data.cache_dir={tmp_path}")
+    before = base_path(cfg)
+    assert base_path(cfg) == before  # the same corpus: the same base
+    (corpus / "b.txt").write_text("play b, revised\n" * 20)
+    assert base_path(cfg) != before
+
+
 def test_the_bundled_base_is_registered_per_recipe_and_never_by_a_resumed_run(cache_dir, tmp_path):
     def cfg(run: str, *overrides: str):  # seed 11: no other test of this module's cache registers these bases
         return smoke(cache_dir, tmp_path / run, "stage=pretrain", "seed=11", *overrides)

@@ -23,6 +23,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data import TextDataModule
+from data.files import fsync_file, private_suffix
+from data.sources import source_identity
 from data.synthetic_passkey import RECIPE as PASSKEY_RECIPE
 from model import keep_stored_settings
 from model.checkpoints import (PROJECT_KEY, CheckpointError, Pretrained, check_same_tokenizer, check_tokenizer, load_into,
@@ -372,9 +374,17 @@ def _cache_dir(cfg: DictConfig) -> Path:
 def _base_key(cfg: DictConfig) -> str:
     """The bundled base is identified by the model shape, the data, the pretraining recipe and the seed:
     a pretrain with other steps or another lr registers a base of its own instead of replacing the one
-    that fine-tunes without init= start from."""
+    that fine-tunes without init= start from.
+
+    The data are its settings and its corpus as the token cache knows it (the bundled file's hash, a
+    text_dir's or jsonl's file sizes and times): a corpus edited in place gets a base of its own, since
+    the old one may have trained on documents that now fall in the validation or test split.
+    """
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
             if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir")}
+    d = cfg.data
+    data["corpus"] = source_identity(d.source, d.get("path"), d.get("text_field", "text"), d.get("hf_name"),
+                                     d.get("hf_config"))
     if data.get("passkey_share"):  # a new prompt recipe is new training data (recipe 5: keys apart from the evaluation's)
         data["passkey_recipe"] = PASSKEY_RECIPE
     recipe = {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k not in ("finetune", "fused")}
@@ -399,8 +409,9 @@ def _register_base(cfg: DictConfig, checkpoint: Path) -> None:
 
         consolidate(checkpoint, target, force=True)
     else:
-        tmp = target.with_suffix(".tmp")
+        tmp = target.with_name(target.name + private_suffix())  # a rank of another node may register it too
         shutil.copyfile(checkpoint, tmp)
+        fsync_file(tmp)
         os.replace(tmp, target)
     log.info("registered as the bundled base for this model, data, pretraining recipe and seed: %s (fine-tunes with "
              "init=null and the same ones start here)", target)
