@@ -83,6 +83,11 @@ def test_the_ranks_batches_together_are_the_one_process_batch():
     second_pass = list(ResumableSampler(10, seed=3, position=lambda: 10))
     assert list(ResumableSampler(10, seed=3, position=lambda: seen[0]))[:4] == (one + second_pass)[8:12]
     assert sorted(second_pass) == list(range(10)) and second_pass != one
+    # Two ranks resumed mid-pass (6 global samples trained) read on exactly as one resumed process does.
+    resumed_one = list(ResumableSampler(10, seed=3, position=lambda: 6))
+    resumed = [list(ResumableSampler(10, seed=3, position=lambda: 6, rank=r, world_size=2)) for r in (0, 1)]
+    assert resumed[0][:2] + resumed[1][:2] == [resumed_one[0], resumed_one[2], resumed_one[1], resumed_one[3]]
+    assert resumed_one[:4] == (one + second_pass)[6:10]
 
 
 def test_fsdp_is_fsdp2_through_lightnings_model_parallel_strategy():
