@@ -15,7 +15,7 @@ from typing import Any
 import sentencepiece as spm
 
 from data.errors import DataError
-from data.files import fsync_file, private_suffix
+from model.checkpoints import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,7 @@ def train_tokenizer(texts: Iterable[str], out_path: Path, vocab_size: int) -> To
     except RuntimeError as exc:
         raise _training_error(exc, vocab_size) from exc
     model = buf.getvalue()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}{private_suffix()}")  # other ranks or nodes may train it too
-    tmp.write_bytes(model)
-    fsync_file(tmp)
-    os.replace(tmp, out_path)
+    atomic_write_bytes(out_path, model)  # other ranks or nodes may train it too: each writes a file of its own
     tok = Tokenizer(model, out_path)
     log.info(
         "trained a %d-piece BPE tokenizer in %.1f s -> %s (fingerprint %s)",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -15,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from data.errors import DataError
-from data.files import fsync_directory, fsync_file, private_suffix
 from data.splits import SPLITS
 from data.synthetic_passkey import BlockPlacement
 from data.tokenizer import Tokenizer
+from model.checkpoints import atomic_write, atomic_write_bytes, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +93,9 @@ def write_token_cache(
     """
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    # Per-writer temp names: concurrent builders (e.g. one per node on a shared file system) never clobber each
-    # other; each one's files are on disk before they are renamed into place, and meta.json comes last.
-    suffix = private_suffix()
+    # Every file goes through a temporary file of its writer's own (mkstemp), on disk before it is renamed into
+    # place: concurrent builders (one per node on a shared file system) never write one file together. meta.json,
+    # which marks the cache finished, comes last.
     start = time.perf_counter()
     splits: dict[str, Any] = {}
     for split in SPLITS:
@@ -105,18 +104,14 @@ def write_token_cache(
         if placement is not None:
             pieces = placement.place(pieces, pad_id=tokenizer.eos_id)
         offsets = array("q", [0])  # 8 bytes per piece, not a Python int each
-        bin_tmp = directory / f"{split}.bin{suffix}"
-        with open(bin_tmp, "wb") as f:
+
+        def write_tokens(handle: Any, pieces: Iterable[Sequence[int]] = pieces, offsets: array = offsets) -> None:
             for ids in pieces:
-                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                handle.write(np.asarray(ids, dtype=dtype).tobytes())
                 offsets.append(offsets[-1] + len(ids))
-            f.flush()
-            os.fsync(f.fileno())
-        idx_tmp = directory / f"{split}.idx{suffix}.npy"
-        np.save(idx_tmp, np.frombuffer(offsets, dtype=np.int64))
-        fsync_file(idx_tmp)
-        os.replace(bin_tmp, directory / f"{split}.bin")
-        os.replace(idx_tmp, directory / f"{split}.idx.npy")
+
+        atomic_write(directory / f"{split}.bin", write_tokens)
+        atomic_write(directory / f"{split}.idx.npy", lambda handle: np.save(handle, np.frombuffer(offsets, dtype=np.int64)))
         splits[split] = {"num_tokens": offsets[-1], "num_documents": len(offsets) - 1}
         if placement is not None:
             splits[split]["placed"] = {"documents": len(placement.documents), "block": placement.block,
@@ -131,11 +126,8 @@ def write_token_cache(
         "source": dict(identity),
         "splits": splits,
     }
-    meta_tmp = directory / f"{META_FILE}{suffix}"
     fsync_directory(directory)  # the data files' renames, before meta.json says they are there
-    meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
-    fsync_file(meta_tmp)
-    os.replace(meta_tmp, directory / META_FILE)
+    atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
     fsync_directory(directory)
     log.info(
         "tokenized %s in %.1f s -> %s",

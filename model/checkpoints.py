@@ -376,6 +376,11 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+    fsync_directory(folder)
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make the files created or renamed in `folder` durable (its entries, not only their data)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

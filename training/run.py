@@ -23,12 +23,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data import TextDataModule
-from data.files import fsync_file, private_suffix
 from data.sources import source_identity
 from data.synthetic_passkey import RECIPE as PASSKEY_RECIPE
 from model import keep_stored_settings
-from model.checkpoints import (PROJECT_KEY, CheckpointError, Pretrained, check_same_tokenizer, check_tokenizer, load_into,
-                               load_pretrained, same_tokenizer)
+from model.checkpoints import (PROJECT_KEY, CheckpointError, Pretrained, atomic_write, check_same_tokenizer, check_tokenizer,
+                               load_into, load_pretrained, same_tokenizer)
 
 from .callbacks import Throughput, measured_matmul_peak
 from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, checkpoint_metadata, kind_and_scale, model_args_from_config, validate
@@ -409,10 +408,8 @@ def _register_base(cfg: DictConfig, checkpoint: Path) -> None:
 
         consolidate(checkpoint, target, force=True)
     else:
-        tmp = target.with_name(target.name + private_suffix())  # a rank of another node may register it too
-        shutil.copyfile(checkpoint, tmp)
-        fsync_file(tmp)
-        os.replace(tmp, target)
+        with open(checkpoint, "rb") as source:  # a rank of another node may register it too: a file of its own
+            atomic_write(target, lambda handle: shutil.copyfileobj(source, handle))
     log.info("registered as the bundled base for this model, data, pretraining recipe and seed: %s (fine-tunes with "
              "init=null and the same ones start here)", target)
 
