@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -21,7 +21,8 @@ from data.splits import SPLITS
 from data.synthetic_passkey import RECIPE as PASSKEY_RECIPE
 from data.synthetic_passkey import BlockPlacement, count_for_share, passkey_documents, spread_offsets
 from data.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
-from data.tokens import TokenStore, cache_key, encoded, is_complete, write_token_cache
+from data.locking import exclusive_build
+from data.tokens import TokenStore, cache_key, encoded, is_complete, write_split
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class TextDataModule(L.LightningDataModule):
         text_field: str = "text",
         hf_name: str | None = None,
         hf_config: str | None = None,
+        hf_revision: str | None = None,
         tokenizer: str | None = None,
         vocab_size: int = 4096,
         batch_size: int = 16,
@@ -141,6 +143,7 @@ class TextDataModule(L.LightningDataModule):
         self.text_field = text_field
         self.hf_name = hf_name
         self.hf_config = hf_config
+        self.hf_revision = hf_revision
         self.tokenizer_path = tokenizer
         self.vocab_size = vocab_size
         self.batch_size = batch_size
@@ -159,7 +162,8 @@ class TextDataModule(L.LightningDataModule):
                         seq_len, self.passkey_max_tokens)
         self._tokenizer: Tokenizer | None = None
         self._identity: dict[str, Any] | None = None
-        self._documents: dict[str, list[str]] | None = None
+        self._documents: dict[str, list[str]] = {}  # raw texts by split, while building caches
+        self._reported: set[str] = set()  # splits found in the cache (said once)
         self._token_dir: Path | None = None
         self._stores: dict[str, TokenStore] = {}
         self._datasets: dict[str, PackedWindows] = {}
@@ -168,23 +172,13 @@ class TextDataModule(L.LightningDataModule):
     # -- preparation -------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Build (or find) the tokenizer and the token cache; safe to call repeatedly."""
-        tok = self.tokenizer
-        directory = self.token_dir
-        if is_complete(directory):
-            log.info("using cached tokens at %s", directory)
-        else:
-            log.info("tokenizing %s with tokenizer %s into %s", self.source, tok.fingerprint, directory)
-            documents, placements = self._training_documents()
-            write_token_cache(directory, documents, tok, self._cache_identity(), placements)
-        # The raw texts are only needed to build caches; free them.
-        self._documents = None
+        """Build (or find) the tokenizer and every split's token cache; safe to call repeatedly."""
+        self._build_splits(SPLITS)
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the token cache and the windowed datasets the stage needs."""
-        if not is_complete(self.token_dir):
-            self.prepare_data()  # outside a Trainer, or a rank that skipped prepare_data
+        """Open the token cache and the windowed datasets the stage needs (building only those splits)."""
         wanted = _STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS
+        self._build_splits(wanted)  # outside a Trainer, or a rank that skipped prepare_data
         for split in wanted:
             if split not in self._datasets:
                 self._datasets[split] = PackedWindows(self.store(split), self.seq_len, split)
@@ -223,8 +217,7 @@ class TextDataModule(L.LightningDataModule):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
         if split not in self._stores:
-            if not is_complete(self.token_dir):
-                self.prepare_data()
+            self._build_splits((split,))
             self._stores[split] = TokenStore(self.token_dir, split)
         return self._stores[split]
 
@@ -321,7 +314,7 @@ class TextDataModule(L.LightningDataModule):
         """The source identity, computed once (it stats every file of a text_dir)."""
         if self._identity is None:
             self._identity = sources.source_identity(
-                self.source, self.path, self.text_field, self.hf_name, self.hf_config
+                self.source, self.path, self.text_field, self.hf_name, self.hf_config, self.hf_revision
             )
         return self._identity
 
@@ -336,12 +329,30 @@ class TextDataModule(L.LightningDataModule):
                                    "recipe": PASSKEY_RECIPE}
         return identity
 
-    def _training_documents(self) -> tuple[dict[str, list[str]], dict[str, BlockPlacement]]:
-        """The source's documents, and the passkey share to place into the train split (never validation/test)."""
-        documents = self._load_documents()
+    def _build_splits(self, splits: Sequence[str]) -> None:
+        """Tokenize those of `splits` the cache does not hold yet, one process at a time (torchrun's ranks)."""
+        directory = self.token_dir
+        todo = [split for split in splits if not is_complete(directory, split)]
+        for split in splits:
+            if split not in todo and split not in self._reported:
+                log.info("using cached tokens at %s (%s split)", directory, split)
+                self._reported.add(split)
+        for split in todo:
+            with exclusive_build(directory / f"{split}.lock", f"the {split} split's tokens"):
+                if is_complete(directory, split):  # another process built it while this one waited
+                    continue
+                log.info("tokenizing the %s split of %s with tokenizer %s into %s", split, self.source,
+                         self.tokenizer.fingerprint, directory)
+                placement = self._passkey_placement() if split == "train" else None
+                write_split(directory, split, self._load_documents(todo)[split], self.tokenizer,
+                            self._cache_identity(), placement)
+        self._documents = {}  # the raw texts are only needed to build caches; free them
+
+    def _passkey_placement(self) -> BlockPlacement | None:
+        """The passkey share to place into the train split (never validation/test), or None without a mix."""
         if self.passkey_share == 0:
-            return documents, {}
-        train = documents.get("train", [])
+            return None
+        train = self._load_documents(("train",))["train"]
         corpus_tokens = sum(len(ids) for ids in encoded(train, self.tokenizer))
         # Sized from a sample: the mean length of the documents the generator makes.
         sample = passkey_documents(self.tokenizer, 64, self.passkey_max_tokens, self.seed)
@@ -350,16 +361,16 @@ class TextDataModule(L.LightningDataModule):
         extra = [np.asarray(ids, dtype=np.int32) for ids in passkey_documents(self.tokenizer, count, self.passkey_max_tokens, self.seed)]
         log.info("placing %d passkey documents (<= %d tokens each, %.0f%% of train tokens) into the train split",
                  count, self.passkey_max_tokens, 100 * self.passkey_share)
-        placement = BlockPlacement(extra, spread_offsets(count, corpus_tokens, self.seed), self.passkey_max_tokens)
-        return documents, {"train": placement}
+        return BlockPlacement(extra, spread_offsets(count, corpus_tokens, self.seed), self.passkey_max_tokens)
 
-    def _load_documents(self) -> dict[str, list[str]]:
-        """Raw document texts per split, loaded at most once per prepare."""
-        if self._documents is None:
-            log.info("loading documents from source %s", self.source)
-            self._documents = sources.load_documents(
-                self.source, self.path, self.text_field, self.hf_name, self.hf_config
-            )
+    def _load_documents(self, splits: Sequence[str]) -> dict[str, list[str]]:
+        """Raw document texts of `splits` (and of any split loaded before), each loaded at most once per build."""
+        missing = [split for split in splits if split not in self._documents]
+        if missing:
+            log.info("loading the %s documents of source %s", " and ".join(missing), self.source)
+            self._documents.update(sources.load_documents(
+                self.source, self.path, self.text_field, self.hf_name, self.hf_config, self.hf_revision, splits=missing
+            ))
         return self._documents
 
     def _resolve_tokenizer(self) -> Tokenizer:
@@ -377,5 +388,8 @@ class TextDataModule(L.LightningDataModule):
             tok = Tokenizer.load(path)
             log.info("using cached tokenizer at %s", path)
             return tok
-        log.info("training a %d-piece tokenizer on the %s train split", self.vocab_size, self.source)
-        return train_tokenizer(self._load_documents()["train"], path, self.vocab_size)
+        with exclusive_build(path.with_suffix(".lock"), f"the tokenizer {path.name}"):
+            if path.is_file():  # another process trained it while this one waited
+                return Tokenizer.load(path)
+            log.info("training a %d-piece tokenizer on the %s train split", self.vocab_size, self.source)
+            return train_tokenizer(self._load_documents(("train",))["train"], path, self.vocab_size)

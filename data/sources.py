@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import lzma
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,18 +35,28 @@ def load_documents(
     text_field: str = "text",
     hf_name: str | None = None,
     hf_config: str | None = None,
+    hf_revision: str | None = None,
+    splits: Sequence[str] = SPLITS,
 ) -> Documents:
-    """Documents of each split ("train", "validation", "test") for the configured source."""
+    """Documents of each of `splits` ("train", "validation", "test") for the configured source.
+
+    A local corpus is read whole either way (which split a document falls in depends on all their names);
+    a Hugging Face dataset with its own splits turns only the asked-for ones into Python strings.
+    """
     check_source(source)
+    unknown = [split for split in splits if split not in SPLITS]
+    if unknown:
+        raise DataError(f"unknown split {unknown[0]!r}; choose from: {', '.join(SPLITS)}")
     if source == "hf":
-        return _load_hf(hf_name, hf_config, text_field)
+        return _load_hf(hf_name, hf_config, text_field, hf_revision, splits)
     if source == "shakespeare":
         named = _read_shakespeare()
     elif source == "text_dir":
         named = _read_text_dir(_existing(path, source, want_dir=True))
     else:
         named = _read_jsonl(_existing(path, source, want_dir=False), text_field)
-    return _split_named(named, origin=str(path) if path else "the bundled corpus")
+    documents = _split_named(named, origin=str(path) if path else "the bundled corpus")
+    return {split: documents[split] for split in splits}
 
 
 def source_identity(
@@ -55,8 +65,13 @@ def source_identity(
     text_field: str = "text",
     hf_name: str | None = None,
     hf_config: str | None = None,
+    hf_revision: str | None = None,
 ) -> dict[str, Any]:
-    """A JSON-able description that changes whenever the documents (or split rule) may have changed."""
+    """A JSON-able description that changes whenever the documents (or split rule) may have changed.
+
+    A Hugging Face dataset is known by name, config and the revision asked for: with no revision pinned
+    (data.hf_revision), an update of the dataset on the hub is not seen, and the old tokens are read on.
+    """
     check_source(source)
     ident: dict[str, Any] = {"source": source, "split_version": SPLIT_VERSION}
     if source == "shakespeare":
@@ -75,6 +90,8 @@ def source_identity(
     else:
         # hf_splits 2: a dataset's own validation or test split is kept when it lacks the other (1 re-split train).
         ident.update(hf_name=hf_name, hf_config=hf_config, text_field=text_field, hf_splits=2)
+        if hf_revision is not None:  # absent rather than null when unpinned: caches built before the key existed stay valid
+            ident["hf_revision"] = hf_revision
     return ident
 
 
@@ -193,8 +210,14 @@ def _split_named(named: list[tuple[str, str]], origin: str) -> Documents:
     return {split: [kept[i][1] for i in idx[split]] for split in SPLITS}
 
 
-def _load_hf(hf_name: str | None, hf_config: str | None, text_field: str) -> Documents:
-    """Documents from `datasets.load_dataset`; its own splits are used when it has all three."""
+def _load_hf(
+    hf_name: str | None, hf_config: str | None, text_field: str, hf_revision: str | None, splits: Sequence[str]
+) -> Documents:
+    """Documents of `splits` from `datasets.load_dataset`; its own splits are used when it has all three.
+
+    The dataset's splits stay memory-mapped Arrow tables until a split's texts are asked for: only
+    those become Python strings (PG-19's train split alone is 11 GB of them).
+    """
     if not hf_name:
         raise DataError("data source 'hf' needs data.hf_name; set it to a Hugging Face dataset name such as pg19")
     try:
@@ -204,12 +227,12 @@ def _load_hf(hf_name: str | None, hf_config: str | None, text_field: str) -> Doc
             "data source 'hf' needs the `datasets` package, which is not installed; pip install datasets"
         ) from exc
     try:
-        ds = datasets.load_dataset(hf_name, hf_config)
+        ds = datasets.load_dataset(hf_name, hf_config, revision=hf_revision)
     except Exception as exc:  # network, auth, unknown name, script datasets: all surface here
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise DataError(
-            f"could not load Hugging Face dataset {hf_name!r} (config {hf_config!r}): {reason}; "
-            "check the name, the network, or the local HF cache"
+            f"could not load Hugging Face dataset {hf_name!r} (config {hf_config!r}, revision {hf_revision!r}): "
+            f"{reason}; check the name and revision, the network, or the local HF cache"
         ) from exc
     available = list(ds.keys())
     for split in available:
@@ -219,8 +242,11 @@ def _load_hf(hf_name: str | None, hf_config: str | None, text_field: str) -> Doc
                 f"Hugging Face dataset {hf_name!r} split {split!r} has no {text_field!r} column "
                 f"(found {columns}); set data.text_field"
             )
-    if all(s in available for s in SPLITS):
-        return {s: [t for t in ds[s][text_field] if t and t.strip()] for s in SPLITS}
+    def own_texts(split: str) -> list[str]:
+        return [t for t in ds[split][text_field] if t and t.strip()]
+
+    if all(s in available for s in SPLITS) or all(s != "train" and s in available for s in splits):
+        return {s: own_texts(s) for s in splits}  # nothing to carve out of train for these
     if "train" in available:
         texts = ds["train"][text_field]
         carved = _split_named([(hashlib.sha256(t.encode("utf-8")).hexdigest(), t) for t in texts if t], hf_name)
@@ -230,8 +256,8 @@ def _load_hf(hf_name: str | None, hf_config: str | None, text_field: str) -> Doc
         log.warning("dataset %s has splits %s; its %s split%s carved out of its train split by document%s", hf_name,
                     available, " and ".join(missing), "s are" if len(missing) > 1 else " is",
                     f" (its own {' and '.join(own)} is used)" if own else "")
-        documents = {s: [t for t in ds[s][text_field] if t and t.strip()] if s in own else carved[s] for s in SPLITS}
-        # Documents carved for a split the dataset has its own of go back to training.
-        documents["train"] = carved["train"] + [t for s in own for t in carved[s]]
-        return documents
+        documents = {s: own_texts(s) if s in own else carved[s] for s in splits if s != "train"}
+        if "train" in splits:  # documents carved for a split the dataset has its own of go back to training
+            documents["train"] = carved["train"] + [t for s in own for t in carved[s]]
+        return {s: documents[s] for s in splits}
     raise DataError(f"Hugging Face dataset {hf_name!r} has splits {available} but no 'train'; pick another dataset")

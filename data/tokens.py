@@ -1,4 +1,8 @@
-"""The on-disk token cache: one memory-mapped token file plus document offsets per split."""
+"""The on-disk token cache: per split, one memory-mapped token file, its document offsets and its metadata.
+
+Each split is built on its own, when first read: evaluating on PG-19's test split tokenizes that split,
+not the 11 GB of its train split.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ log = logging.getLogger(__name__)
 
 # Bump when the file layout changes: it is part of the cache key.
 CACHE_FORMAT = 1
-META_FILE = "meta.json"  # written last: its presence means the cache is complete
+# Caches built before 2026-11-27 marked all three splits finished at once with this file; they are read as they
+# are. A split built since has a <split>.meta.json of its own, written last.
+META_FILE = "meta.json"
 _ENCODE_BATCH = 64  # documents per sentencepiece call; bounds memory on large corpora
 
 
@@ -44,79 +50,103 @@ def encoded(documents: Sequence[str], tokenizer: Tokenizer) -> Iterator[list[int
         yield from tokenizer.encode_batch(documents[lo : lo + _ENCODE_BATCH], bos=True, eos=True)
 
 
-def is_complete(directory: Path) -> bool:
-    """Whether `directory` holds a finished token cache whose files are as long as its meta.json says.
+def split_meta_file(directory: Path, split: str) -> Path:
+    """Where `split`'s metadata goes: its presence means the split is finished."""
+    return Path(directory) / f"{split}.meta.json"
+
+
+def read_split_meta(directory: Path, split: str) -> dict[str, Any] | None:
+    """`split`'s metadata (dtype, special ids, token and document counts...), or None if it was never finished.
+
+    Raises OSError or ValueError on an unreadable file.
+    """
+    own = split_meta_file(directory, split)
+    if own.is_file():
+        return json.loads(own.read_text(encoding="utf-8"))
+    legacy = Path(directory) / META_FILE
+    if legacy.is_file():
+        meta = json.loads(legacy.read_text(encoding="utf-8"))
+        counts = meta.get("splits", {}).get(split)
+        if counts is not None:
+            return {**{k: v for k, v in meta.items() if k != "splits"}, "split": split, **counts}
+    return None
+
+
+def is_complete(directory: Path, split: str) -> bool:
+    """Whether `directory` holds a finished `split` whose files are as long as its metadata says.
 
     A damaged one (a copy cut short, a crash of a machine that had not written the files out) counts as
     unfinished, so it is built again rather than read past its end hours into a run.
     """
-    if not (directory / META_FILE).is_file():
-        return False
-    damage = cache_damage(directory)
+    try:
+        if read_split_meta(directory, split) is None:
+            return False
+    except (OSError, ValueError):
+        pass  # unreadable metadata: cache_damage says what
+    damage = cache_damage(directory, split)
     if damage is not None:
-        log.warning("the token cache %s is damaged (%s); building it again", directory, damage)
+        log.warning("the %s split of the token cache %s is damaged (%s); building it again", split, directory, damage)
     return damage is None
 
 
-def cache_damage(directory: Path) -> str | None:
-    """What in the finished-looking cache `directory` disagrees with its meta.json (None: nothing)."""
+def cache_damage(directory: Path, split: str) -> str | None:
+    """What in the finished-looking `split` of `directory` disagrees with its metadata (None: nothing)."""
     try:
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        meta = read_split_meta(directory, split)
+        if meta is None:
+            return f"{split_meta_file(directory, split).name} is missing"
         itemsize = np.dtype(meta["dtype"]).itemsize
-        for split, counts in meta["splits"].items():
-            tokens, offsets_file = directory / f"{split}.bin", directory / f"{split}.idx.npy"
-            if not tokens.is_file() or not offsets_file.is_file():
-                return f"{tokens.name} or {offsets_file.name} is missing"
-            if tokens.stat().st_size != counts["num_tokens"] * itemsize:
-                return (f"{tokens.name} holds {tokens.stat().st_size // itemsize:,} tokens, meta.json says "
-                        f"{counts['num_tokens']:,}")
-            offsets = np.load(offsets_file, mmap_mode="r")
-            if len(offsets) != counts["num_documents"] + 1 or int(offsets[-1]) != counts["num_tokens"]:
-                return f"{offsets_file.name} does not end at the {counts['num_tokens']:,} tokens meta.json says"
+        tokens, offsets_file = Path(directory) / f"{split}.bin", Path(directory) / f"{split}.idx.npy"
+        if not tokens.is_file() or not offsets_file.is_file():
+            return f"{tokens.name} or {offsets_file.name} is missing"
+        if tokens.stat().st_size != meta["num_tokens"] * itemsize:
+            return f"{tokens.name} holds {tokens.stat().st_size // itemsize:,} tokens, its metadata says {meta['num_tokens']:,}"
+        offsets = np.load(offsets_file, mmap_mode="r")
+        if len(offsets) != meta["num_documents"] + 1 or int(offsets[-1]) != meta["num_tokens"]:
+            return f"{offsets_file.name} does not end at the {meta['num_tokens']:,} tokens its metadata says"
     except (OSError, ValueError, KeyError, TypeError) as error:  # unreadable JSON or offsets, a field missing
         return f"{type(error).__name__}: {error}"
     return None
 
 
-def write_token_cache(
+def write_split(
     directory: Path,
-    documents: Mapping[str, Sequence[str]],
+    split: str,
+    documents: Sequence[str],
     tokenizer: Tokenizer,
     identity: Mapping[str, Any],
-    placements: Mapping[str, BlockPlacement] | None = None,
+    placement: BlockPlacement | None = None,
 ) -> dict[str, Any]:
-    """Tokenize every split (each document as BOS + ids + EOS) into `directory`, atomically; return the metadata.
+    """Tokenize `split`'s documents (each as BOS + ids + EOS) into `directory`, atomically; return its metadata.
 
-    `placements` puts extra, already tokenized documents into a split's stream whole inside
-    aligned blocks (the passkey mix); that split's offsets then mark pieces (corpus fragments and
-    placed documents) rather than whole corpus documents.
+    `placement` puts extra, already tokenized documents into the stream whole inside aligned blocks (the
+    passkey mix); the offsets then mark pieces (corpus fragments and placed documents) rather than whole
+    corpus documents.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # A split built again (it was damaged) is unfinished until its new metadata is written.
+    split_meta_file(directory, split).unlink(missing_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    # Every file goes through a temporary file of its writer's own (mkstemp), on disk before it is renamed into
-    # place: concurrent builders (one per node on a shared file system) never write one file together. meta.json,
-    # which marks the cache finished, comes last.
     start = time.perf_counter()
-    splits: dict[str, Any] = {}
-    for split in SPLITS:
-        pieces: Iterable[Sequence[int]] = encoded(documents.get(split, []), tokenizer)
-        placement = (placements or {}).get(split)
-        if placement is not None:
-            pieces = placement.place(pieces, pad_id=tokenizer.eos_id)
-        offsets = array("q", [0])  # 8 bytes per piece, not a Python int each
+    pieces: Iterable[Sequence[int]] = encoded(documents, tokenizer)
+    if placement is not None:
+        pieces = placement.place(pieces, pad_id=tokenizer.eos_id)
+    offsets = array("q", [0])  # 8 bytes per piece, not a Python int each
 
-        def write_tokens(handle: Any, pieces: Iterable[Sequence[int]] = pieces, offsets: array = offsets) -> None:
-            for ids in pieces:
-                handle.write(np.asarray(ids, dtype=dtype).tobytes())
-                offsets.append(offsets[-1] + len(ids))
+    def write_tokens(handle: Any) -> None:
+        for ids in pieces:
+            handle.write(np.asarray(ids, dtype=dtype).tobytes())
+            offsets.append(offsets[-1] + len(ids))
 
-        atomic_write(directory / f"{split}.bin", write_tokens)
-        atomic_write(directory / f"{split}.idx.npy", lambda handle: np.save(handle, np.frombuffer(offsets, dtype=np.int64)))
-        splits[split] = {"num_tokens": offsets[-1], "num_documents": len(offsets) - 1}
-        if placement is not None:
-            splits[split]["placed"] = {"documents": len(placement.documents), "block": placement.block,
-                                       "tokens": sum(map(len, placement.documents)), "padding": placement.padding}
-    meta = {
+    # Every file goes through a temporary file of its writer's own (mkstemp), on disk before it is renamed into
+    # place: concurrent builders (one per node on a shared file system) never write one file together. The
+    # metadata, which marks the split finished, comes last.
+    atomic_write(directory / f"{split}.bin", write_tokens)
+    atomic_write(directory / f"{split}.idx.npy", lambda handle: np.save(handle, np.frombuffer(offsets, dtype=np.int64)))
+    meta: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
@@ -124,17 +154,18 @@ def write_token_cache(
         "eos_id": tokenizer.eos_id,
         "tokenizer": {"path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint},
         "source": dict(identity),
-        "splits": splits,
+        "split": split,
+        "num_tokens": offsets[-1],
+        "num_documents": len(offsets) - 1,
     }
-    fsync_directory(directory)  # the data files' renames, before meta.json says they are there
-    atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
+    if placement is not None:
+        meta["placed"] = {"documents": len(placement.documents), "block": placement.block,
+                          "tokens": sum(map(len, placement.documents)), "padding": placement.padding}
+    fsync_directory(directory)  # the data files' renames, before the metadata says they are there
+    atomic_write_bytes(split_meta_file(directory, split), json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
     fsync_directory(directory)
-    log.info(
-        "tokenized %s in %.1f s -> %s",
-        ", ".join(f"{s}: {v['num_documents']} docs / {v['num_tokens']:,} tokens" for s, v in splits.items()),
-        time.perf_counter() - start,
-        directory,
-    )
+    log.info("tokenized %s: %d docs / %s tokens in %.1f s -> %s", split, meta["num_documents"], f"{meta['num_tokens']:,}",
+             time.perf_counter() - start, directory)
     return meta
 
 
@@ -145,17 +176,18 @@ class TokenStore:
         """Open `split` of the finished cache in `directory`."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        damage = cache_damage(Path(directory))
+        damage = cache_damage(Path(directory), split)
         if damage is not None:
-            raise DataError(f"the token cache {directory} is damaged ({damage}); delete that folder and run again to "
-                            "build it anew.")
-        meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
+            raise DataError(f"the {split} split of the token cache {directory} is damaged or unfinished ({damage}); "
+                            "delete that folder and run again to build it anew.")
+        meta = read_split_meta(Path(directory), split)
+        assert meta is not None  # cache_damage said it is there
         self.directory = Path(directory)
         self.split = split
         self.dtype = np.dtype(meta["dtype"])
         self.bos_id: int = meta["bos_id"]
         self.eos_id: int = meta["eos_id"]
-        self._num_tokens: int = meta["splits"][split]["num_tokens"]
+        self._num_tokens: int = meta["num_tokens"]
         self._offsets = np.load(self.directory / f"{split}.idx.npy")
         self._tokens: np.ndarray | None = None
 

@@ -252,9 +252,9 @@ def test_cache_is_reused_without_tokenizing(shk: TextDataModule, monkeypatch: py
 
 
 def test_a_damaged_token_cache_is_refused_then_built_again(shk: TextDataModule, tmp_path: Path, caplog) -> None:
-    """A cache whose meta.json is there but whose train.bin was cut short (a copy that stopped, a machine that
+    """A split whose metadata is there but whose train.bin was cut short (a copy that stopped, a machine that
     crashed before writing it out) is not read past its end: opened directly it is refused with the fix, and the
-    DataModule builds it again, to the same tokens."""
+    DataModule builds it again, to the same tokens; the other splits are left as they are."""
     import shutil
 
     from data.tokens import TokenStore, is_complete
@@ -265,15 +265,104 @@ def test_a_damaged_token_cache_is_refused_then_built_again(shk: TextDataModule, 
     tokens = dm.token_dir / "train.bin"
     full = tokens.read_bytes()
     tokens.write_bytes(full[: len(full) // 2])
+    test_mtime = (dm.token_dir / "test.bin").stat().st_mtime_ns
     with caplog.at_level(logging.WARNING, logger="data"):
-        assert not is_complete(dm.token_dir)
-    assert "is damaged (train.bin holds" in caplog.text
-    with pytest.raises(DataError, match=r"is damaged .*; delete that folder and run again"):
+        assert not is_complete(dm.token_dir, "train")
+        assert is_complete(dm.token_dir, "test")
+    assert "train split of the token cache" in caplog.text and "is damaged (train.bin holds" in caplog.text
+    with pytest.raises(DataError, match=r"train split of the token cache .* is damaged .*; delete that folder and run again"):
         TokenStore(dm.token_dir, "train")
     dm.prepare()
-    assert tokens.read_bytes() == full and is_complete(dm.token_dir)
+    assert tokens.read_bytes() == full and is_complete(dm.token_dir, "train")
+    assert (dm.token_dir / "test.bin").stat().st_mtime_ns == test_mtime
     assert np.array_equal(dm.store("train").document(3), shk.store("train").document(3))
     assert not list(dm.token_dir.glob("*.tmp"))  # hidden temporary files included
+
+
+def test_a_split_is_tokenized_when_first_read_and_alone(shk: TextDataModule, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the test split (evaluate.py) tokenizes that split only: not the train split, which on PG-19 is
+    11 GB of text. Its tokens are those of the cache built all at once, and the train split comes when asked for."""
+    from data.tokens import is_complete
+
+    tokenized: list[int] = []
+    encode_batch = Tokenizer.encode_batch
+
+    def counting(self, texts, **kwargs):
+        tokenized.extend(len(t) for t in texts)
+        return encode_batch(self, texts, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", counting)
+    dm = TextDataModule(seq_len=128, tokenizer=str(shk.tokenizer.path), cache_dir=str(tmp_path))
+    test = dm.documents("test")
+    assert dm.token_dir.name == shk.token_dir.name  # the same tokenizer and corpus: the same cache key
+    assert sorted(p.name for p in dm.token_dir.glob("*.json")) == ["test.meta.json"]
+    assert not (dm.token_dir / "train.bin").exists() and not is_complete(dm.token_dir, "train")
+    assert sum(tokenized) == sum(map(len, load_documents("shakespeare", splits=("test",))["test"]))
+    assert all(np.array_equal(a, b) for a, b in zip(test, shk.documents("test"), strict=True))
+    assert np.array_equal(dm.store("train").tokens, shk.store("train").tokens)
+    assert sorted(p.name for p in dm.token_dir.glob("*.json")) == ["test.meta.json", "train.meta.json"]
+
+
+def test_a_cache_built_before_per_split_metadata_is_read_as_it_is(shk: TextDataModule, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches from before 2026-11-27 mark all three splits finished with one meta.json: they are read, not rebuilt."""
+    import shutil
+
+    from data.tokens import META_FILE, is_complete, read_split_meta
+
+    cache = tmp_path / "cache"
+    shutil.copytree(shk.cache_dir, cache)
+    directory = cache / "tokens" / shk.token_dir.name
+    metas = {split: read_split_meta(directory, split) for split in ("train", "validation", "test")}
+    common = {k: v for k, v in metas["train"].items() if k not in ("split", "num_tokens", "num_documents", "placed")}
+    legacy = {**common, "splits": {s: {"num_tokens": m["num_tokens"], "num_documents": m["num_documents"]} for s, m in metas.items()}}
+    (directory / META_FILE).write_text(json.dumps(legacy))
+    for split in metas:
+        (directory / f"{split}.meta.json").unlink()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("re-tokenized")
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", boom)
+    dm = TextDataModule(seq_len=128, batch_size=4, cache_dir=str(cache)).prepare()
+    assert all(is_complete(directory, split) for split in metas)
+    assert dm.store("validation").num_tokens == shk.store("validation").num_tokens
+    assert not list(directory.glob("*.meta.json"))
+
+
+def test_a_process_waits_for_another_building_the_tokenizer_then_uses_it(shk: TextDataModule, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Under torchrun every rank resolves the tokenizer at once: one trains it, the others wait on its lock and
+    load what it wrote, instead of each training its own copy (8x the memory on a node)."""
+    import fcntl
+    import shutil
+    import threading
+    import time
+
+    dm = TextDataModule(seq_len=128, cache_dir=str(tmp_path))
+    wanted = shk.tokenizer.path  # where the first module cached its tokenizer: the same name under tmp_path
+    target = tmp_path / wanted.relative_to(shk.cache_dir)
+    target.parent.mkdir(parents=True)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("trained a second tokenizer")
+
+    monkeypatch.setattr(tokenizer_mod.spm.SentencePieceTrainer, "train", boom)
+    got: list[Tokenizer] = []
+    with open(target.with_suffix(".lock"), "ab") as held, caplog.at_level(logging.INFO, logger="data"):
+        fcntl.flock(held, fcntl.LOCK_EX)  # "rank 0" is training
+        waiter = threading.Thread(target=lambda: got.append(dm.tokenizer))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "waiting for another process to finish building the tokenizer" not in caplog.text:
+            assert time.monotonic() < deadline and waiter.is_alive(), "the second process did not wait"
+            time.sleep(0.05)
+        shutil.copyfile(wanted, target)  # "rank 0" writes its tokenizer, then lets go
+        fcntl.flock(held, fcntl.LOCK_UN)
+        waiter.join(30)
+    assert got and got[0].fingerprint == shk.tokenizer.fingerprint
 
 
 def test_different_tokenizer_different_key(shk: TextDataModule, tmp_path: Path) -> None:
@@ -408,7 +497,7 @@ def test_an_hf_dataset_keeps_its_own_test_split_and_carves_only_the_missing_one(
     train = [f"training document number {i} " * 5 for i in range(200)]
     test = [f"the dataset's own test document {i}" for i in range(7)]
     fake = type(sys)("datasets")
-    fake.load_dataset = lambda name, config: {"train": Split(train), "test": Split(test)}
+    fake.load_dataset = lambda name, config, revision=None: {"train": Split(train), "test": Split(test)}
     monkeypatch.setitem(sys.modules, "datasets", fake)
     with caplog.at_level("WARNING"):
         documents = load_documents("hf", hf_name="some/dataset")
@@ -416,6 +505,39 @@ def test_an_hf_dataset_keeps_its_own_test_split_and_carves_only_the_missing_one(
     assert documents["validation"] and set(documents["validation"]) <= set(train)
     assert sorted(documents["train"] + documents["validation"]) == sorted(train)  # nothing of train is lost
     assert "its validation split is carved out of its train split by document (its own test is used)" in caplog.text
+
+
+def test_an_hf_dataset_turns_only_the_asked_for_splits_into_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate.py reads PG-19's test split: its 11 GB train split stays an Arrow table on disk. The revision asked
+    for goes to load_dataset and into the cache key."""
+    from data.sources import source_identity
+
+    read: list[str] = []
+    asked: list[str | None] = []
+
+    class Split:
+        def __init__(self, name: str, texts: list[str]) -> None:
+            self.name, self.texts, self.column_names = name, texts, ["text"]
+
+        def __getitem__(self, column: str) -> list[str]:
+            read.append(self.name)
+            return self.texts
+
+    def load_dataset(name: str, config: str | None, revision: str | None = None) -> dict[str, Split]:
+        asked.append(revision)
+        return {s: Split(s, [f"{s} document {i}" for i in range(5)]) for s in ("train", "validation", "test")}
+
+    fake = type(sys)("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    documents = load_documents("hf", hf_name="pg19", hf_revision="abc123", splits=("test",))
+    assert list(documents) == ["test"] and documents["test"][0] == "test document 0"
+    assert read == ["test"] and asked == ["abc123"]
+    pinned = source_identity("hf", hf_name="pg19", hf_revision="abc123")
+    assert pinned["hf_revision"] == "abc123" and pinned != source_identity("hf", hf_name="pg19", hf_revision="def456")
+    assert "hf_revision" not in source_identity("hf", hf_name="pg19")  # unpinned caches keep their keys
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        load_documents("hf", hf_name="pg19", splits=("dev",))
 
 
 def test_error_tiktoken_tokenizer_in_datamodule(tmp_path: Path) -> None:

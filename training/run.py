@@ -379,11 +379,13 @@ def _base_key(cfg: DictConfig) -> str:
     text_dir's or jsonl's file sizes and times): a corpus edited in place gets a base of its own, since
     the old one may have trained on documents that now fall in the validation or test split.
     """
+    # hf_revision is left to the corpus identity, which holds it when set: bases registered before the key
+    # existed keep their names.
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
-            if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir")}
+            if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "hf_revision")}
     d = cfg.data
     data["corpus"] = source_identity(d.source, d.get("path"), d.get("text_field", "text"), d.get("hf_name"),
-                                     d.get("hf_config"))
+                                     d.get("hf_config"), d.get("hf_revision"))
     if data.get("passkey_share"):  # a new prompt recipe is new training data (recipe 5: keys apart from the evaluation's)
         data["passkey_recipe"] = PASSKEY_RECIPE
     recipe = {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items() if k not in ("finetune", "fused")}
