@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from data.errors import DataError
@@ -40,12 +41,12 @@ def default_document_cut(windows: Sequence[int]) -> int:
     window: cut shorter than the longest window, that column would repeat the one before it. Twice the
     window lets it slide over half a document; 4096 keeps short windows reading as much text as before.
     The cost grows with the square of the window: at 8192 (stride 256) each document is 33 windows of
-    8192 tokens per evaluation, on every rank.
+    8192 tokens per evaluation, divided over DDP's ranks (under FSDP every rank reads them all).
     """
     return max(4096, 2 * max(windows))
 
 
-@rank_zero_only  # every rank reads the same documents: said once
+@rank_zero_only  # every rank holds the same documents: said once
 def _warn_short_documents(documents: Sequence[np.ndarray], windows: Sequence[int], split: str) -> None:
     for window in windows:
         short = sum(len(doc) < window for doc in documents)
@@ -110,8 +111,18 @@ class ExtensionEvalCallback(Callback):
     # -- work ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate_model(self, model: torch.nn.Module, datamodule: Any, step: int) -> dict[str, Any]:
-        """One row: perplexity per window and passkey k_max for `model` now."""
+    def evaluate_model(
+        self, model: torch.nn.Module, datamodule: Any, step: int, shard: tuple[int, int] = (0, 1),
+        sum_over_ranks: Callable[[list[float]], list[float]] | None = None,
+    ) -> dict[str, Any]:
+        """One row: perplexity per window and passkey k_max for `model` now.
+
+        With shard=(rank, ranks) this process reads its share of the perplexity windows, and
+        `sum_over_ranks` (an all-reduce) adds the shares' nll and token counts up. Passkey decoding is
+        not divided: every rank decodes every prompt (fewer tokens than the perplexity windows).
+        """
+        if shard[1] > 1 and sum_over_ranks is None:
+            raise ValueError("a sharded evaluation needs sum_over_ranks to add the shares up")
         if self._documents is None:
             self._documents = prepare_documents(datamodule.documents(self.split), self.max_documents, self.max_tokens_per_document)
             _warn_short_documents(self._documents, self.windows, self.split)
@@ -119,7 +130,10 @@ class ExtensionEvalCallback(Callback):
         for window in self.windows:
             check_window(model, window, f"the callback's ppl window {window}")
             stride = window_stride(self.stride, window, self.max_stride_fraction)
-            result = sliding_window_perplexity(model, self._documents, window, stride, self.batch_size)
+            result = sliding_window_perplexity(model, self._documents, window, stride, self.batch_size, shard=shard)
+            if sum_over_ranks is not None:
+                result.nll, tokens = sum_over_ranks([result.nll, float(result.tokens)])
+                result.tokens = int(round(tokens))
             row[f"ppl_{window}"] = result.ppl
         if self.passkey_trials > 0 and not self._passkey_skipped:
             window = self.passkey_window or extended_window(model)
@@ -157,8 +171,10 @@ class ExtensionEvalCallback(Callback):
         model.eval()
         try:
             # Run on every rank: a sharded (FSDP) forward needs all of them; only rank 0 writes.
+            shard = _perplexity_shard(trainer)
             with trainer.strategy.precision_plugin.forward_context():
-                row = self.evaluate_model(model, trainer.datamodule, step)
+                row = self.evaluate_model(model, trainer.datamodule, step, shard,
+                                          _all_reduce_sum(trainer, pl_module.device) if shard[1] > 1 else None)
         finally:
             model.train(was_training)
         self.rows.append(row)
@@ -182,6 +198,24 @@ class ExtensionEvalCallback(Callback):
         writer.writerows(self.rows)
         report.write_text(path.with_suffix(".csv"), table.getvalue())
         report.write_text(path.with_suffix(".md"), report.by_step_markdown(self.rows) + "\n")
+
+
+def _perplexity_shard(trainer: L.Trainer) -> tuple[int, int]:
+    """(rank, ranks) the perplexity windows are divided over: DDP's ranks each hold the whole model and read a
+    share. Under FSDP or DeepSpeed every forward gathers weights from every rank, so each rank reads them all."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy) and trainer.world_size > 1:
+        return trainer.global_rank, trainer.world_size
+    return 0, 1
+
+
+def _all_reduce_sum(trainer: L.Trainer, device: torch.device) -> Callable[[list[float]], list[float]]:
+    """Sums a few numbers over the ranks (float64: token counts stay exact, nll sums keep their digits)."""
+    def reduce(values: list[float]) -> list[float]:
+        summed = trainer.strategy.reduce(torch.tensor(values, dtype=torch.float64, device=device), reduce_op="sum")
+        return summed.tolist()
+
+    return reduce
 
 
 def _finite(value: Any) -> bool:

@@ -174,10 +174,18 @@ def sliding_window_perplexity(
     stride: int = 256,
     batch_size: int = 4,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> PerplexityResult:
-    """Perplexity of `model` on `documents` (token ids each) with the sliding-window protocol."""
+    """Perplexity of `model` on `documents` (token ids each) with the sliding-window protocol.
+
+    shard=(rank, ranks) reads every ranks-th batch of windows, from the rank-th on: the shards' nll and token
+    counts (per document too), summed over the ranks, are the whole result's, with the same batches.
+    """
     if batch_size < 1:
         raise EvaluationError(f"ppl.batch_size={batch_size} must be at least 1.")
+    rank, ranks = shard
+    if not 0 <= rank < ranks:
+        raise ValueError(f"shard={shard} must be (rank, ranks) with 0 <= rank < ranks")
     device = torch.device(device) if device is not None else _device_of(model)
     docs = [torch.as_tensor(np.asarray(d, dtype=np.int64)) for d in documents]
     # Windows of the same shape from any document run as one batch.
@@ -187,23 +195,23 @@ def sliding_window_perplexity(
             groups[(span.end - span.start, span.score_from - span.start)].append((index, span))
     nll = np.zeros(len(docs), dtype=np.float64)
     counts = np.zeros(len(docs), dtype=np.int64)
-    for (length, offset), members in sorted(groups.items()):
-        for first in range(0, len(members), batch_size):
-            batch = members[first : first + batch_size]
-            tokens = torch.stack([docs[i][s.start : s.end] for i, s in batch]).to(device)  # (b, length)
-            hidden = model.hidden_states(tokens)
-            per_window = np.zeros(len(batch), dtype=np.float64)
-            chunk = max(1, LOGIT_CHUNK_TOKENS // len(batch))
-            for first_scored in range(offset, length, chunk):
-                last_scored = min(first_scored + chunk, length)
-                # Position t predicts token t + 1: targets first..last-1 are read from positions first-1..last-2.
-                logits = float32_logits(model, hidden[:, first_scored - 1 : last_scored - 1])  # (b, n, vocab)
-                targets = tokens[:, first_scored:last_scored]
-                losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-                per_window += losses.view(len(batch), -1).sum(-1).double().cpu().numpy()
-            for (i, span), value in zip(batch, per_window):
-                nll[i] += value
-                counts[i] += span.n_scored
+    batches = [(length, offset, members[first : first + batch_size])
+               for (length, offset), members in sorted(groups.items()) for first in range(0, len(members), batch_size)]
+    for length, offset, batch in batches[rank::ranks]:
+        tokens = torch.stack([docs[i][s.start : s.end] for i, s in batch]).to(device)  # (b, length)
+        hidden = model.hidden_states(tokens)
+        per_window = np.zeros(len(batch), dtype=np.float64)
+        chunk = max(1, LOGIT_CHUNK_TOKENS // len(batch))
+        for first_scored in range(offset, length, chunk):
+            last_scored = min(first_scored + chunk, length)
+            # Position t predicts token t + 1: targets first..last-1 are read from positions first-1..last-2.
+            logits = float32_logits(model, hidden[:, first_scored - 1 : last_scored - 1])  # (b, n, vocab)
+            targets = tokens[:, first_scored:last_scored]
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            per_window += losses.view(len(batch), -1).sum(-1).double().cpu().numpy()
+        for (i, span), value in zip(batch, per_window):
+            nll[i] += value
+            counts[i] += span.n_scored
     per_document = [
         {"tokens": int(n), "nll": float(s), "ppl": math.exp(min(s / n, 700)) if n else math.nan} for s, n in zip(nll, counts)
     ]

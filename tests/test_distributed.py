@@ -8,6 +8,7 @@ ranks by re-running sys.argv, which under pytest would re-run the test session.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 from test_training import compose_config
 
-from data.datamodule import ResumableSampler
+from data.datamodule import ResumableSampler, TextDataModule
 from model.checkpoints import load_pretrained
 from training.config import ConfigError
 from training.consolidate import consolidate, is_sharded_checkpoint
@@ -116,6 +117,28 @@ def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(cac
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
     assert_close_weights(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"],
                          one_process["weights"])
+
+
+@pytest.mark.slow
+def test_ddp_ranks_divide_the_by_step_perplexity_and_add_it_up(cache_dir, tmp_path):
+    """Two DDP ranks each read half of the by-step evaluation's windows; the all-reduced row is what one process
+    reading every window of the same documents with the same weights gets."""
+    from omegaconf import OmegaConf
+
+    from evaluation.callback import ExtensionEvalCallback
+
+    run_train(cache_dir, tmp_path, "trainer.devices=2", "trainer.strategy=ddp", "optim.pretrain.batch_size=2",
+              "optim.pretrain.max_steps=3", "eval.every_n_steps=3", "eval.passkey_trials=0")
+    row = json.loads((tmp_path / "eval_by_step.json").read_text())[-1]
+    assert row["step"] == 3
+    windows = sorted(int(k.removeprefix("ppl_")) for k in row if k.startswith("ppl_"))
+    model = load_pretrained(tmp_path / "checkpoints" / "last.ckpt").build_model().eval()
+    cfg = compose_config("experiment=smoke", f"data.cache_dir={cache_dir}", *COMMON)
+    data = TextDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seq_len=model.args.max_seq_len)
+    one_process = ExtensionEvalCallback(windows=windows, max_documents=int(cfg.eval.max_documents), passkey_trials=0,
+                                        batch_size=int(cfg.eval.batch_size)).evaluate_model(model, data, step=3)
+    for window in windows:
+        assert row[f"ppl_{window}"] == pytest.approx(one_process[f"ppl_{window}"], rel=1e-6), window
 
 
 @pytest.mark.slow

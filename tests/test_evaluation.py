@@ -98,6 +98,22 @@ def test_sliding_window_perplexity_equals_brute_force(position, window, stride):
     assert result.ppl == pytest.approx(math.exp(sum(n for n, _ in brute) / result.tokens), rel=1e-5)
 
 
+def test_shards_of_the_windows_add_up_to_the_whole_reading():
+    """DDP's ranks divide the by-step evaluation's windows (shard=(rank, ranks)): each window is read by one
+    rank, in the batch it would have been in, so the ranks' sums are the one-process numbers."""
+    model = tiny_model()
+    docs = _documents([70, 9, 33, 41, 64])
+    whole = sliding_window_perplexity(model, docs, 16, 4, batch_size=3)
+    shards = [sliding_window_perplexity(model, docs, 16, 4, batch_size=3, shard=(rank, 3)) for rank in range(3)]
+    assert all(0 < shard.tokens < whole.tokens for shard in shards)  # each rank reads a share, none all of it
+    assert sum(shard.tokens for shard in shards) == whole.tokens
+    assert sum(shard.nll for shard in shards) == pytest.approx(whole.nll, rel=1e-12)
+    for d, per_doc in enumerate(whole.per_document):
+        assert sum(shard.per_document[d]["tokens"] for shard in shards) == per_doc["tokens"]
+    with pytest.raises(ValueError, match=r"shard=\(3, 3\) must be \(rank, ranks\)"):
+        sliding_window_perplexity(model, docs, 16, 4, shard=(3, 3))
+
+
 def test_stride_equal_to_window_scores_every_token_reading_each_window_start_with_one_token_of_context():
     """Non-overlapping chunks would leave each chunk's first token unscored (a 64-token document: 60 of 63)."""
     model = tiny_model()

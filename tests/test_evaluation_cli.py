@@ -435,6 +435,27 @@ class _LongDocuments:
         return self._docs
 
 
+def test_by_step_perplexity_is_divided_over_ddp_ranks_only():
+    """DDP's ranks hold the whole model: each reads a share of the windows. Under FSDP (ModelParallelStrategy) or
+    DeepSpeed every forward gathers weights from every rank, so dividing the windows would hang the ranks."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    from evaluation.callback import _perplexity_shard
+
+    def trainer(strategy, world_size=4, rank=2):
+        return SimpleNamespace(strategy=strategy, world_size=world_size, global_rank=rank)
+
+    assert _perplexity_shard(trainer(DDPStrategy())) == (2, 4)
+    assert _perplexity_shard(trainer(DDPStrategy(), world_size=1, rank=0)) == (0, 1)
+    assert _perplexity_shard(trainer(ModelParallelStrategy())) == (0, 1)
+    assert _perplexity_shard(trainer(DeepSpeedStrategy.__new__(DeepSpeedStrategy))) == (0, 1)  # no deepspeed needed
+    assert _perplexity_shard(trainer(SingleDeviceStrategy("cpu"), world_size=1, rank=0)) == (0, 1)
+    with pytest.raises(ValueError, match="needs sum_over_ranks"):
+        ExtensionEvalCallback(windows=[16]).evaluate_model(tiny_model(vocab_size=VOCAB), _LongDocuments(64), 0, (0, 2))
+
+
 def test_by_step_columns_past_4096_tokens_read_documents_longer_than_their_window(caplog):
     """The by-step table at L' = 8192 (the paper's PG-19 fine-tunes): each column reads every document sliding at
     its own window. Cut at 4096 tokens (the old fixed default), 8192 read each document as one window, as 4096 did."""
