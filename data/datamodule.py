@@ -339,7 +339,7 @@ class TextDataModule(L.LightningDataModule):
                 self._reported.add(split)
         for split in todo:
             with exclusive_build(directory / f"{split}.lock", f"the {split} split's tokens"):
-                if is_complete(directory, split):  # another process built it while this one waited
+                if is_complete(directory, split, warn=False):  # another process built it while this one waited
                     continue
                 log.info("tokenizing the %s split of %s with tokenizer %s into %s", split, self.source,
                          self.tokenizer.fingerprint, directory)
@@ -366,6 +366,10 @@ class TextDataModule(L.LightningDataModule):
     def _load_documents(self, splits: Sequence[str]) -> dict[str, list[str]]:
         """Raw document texts of `splits` (and of any split loaded before), each loaded at most once per build."""
         missing = [split for split in splits if split not in self._documents]
+        if missing and self.source != "hf":
+            # A local corpus is read whole whatever is asked (a document's split depends on every name): keep every
+            # split, or tokenizing validation after training the tokenizer on train would read it all again.
+            missing = [split for split in SPLITS if split not in self._documents]
         if missing:
             log.info("loading the %s documents of source %s", " and ".join(missing), self.source)
             self._documents.update(sources.load_documents(

@@ -62,21 +62,30 @@ def read_split_meta(directory: Path, split: str) -> dict[str, Any] | None:
     """
     own = split_meta_file(directory, split)
     if own.is_file():
-        return json.loads(own.read_text(encoding="utf-8"))
+        return _json_object(own)
     legacy = Path(directory) / META_FILE
     if legacy.is_file():
-        meta = json.loads(legacy.read_text(encoding="utf-8"))
-        counts = meta.get("splits", {}).get(split)
-        if counts is not None:
+        meta = _json_object(legacy)
+        splits = meta.get("splits")
+        counts = splits.get(split) if isinstance(splits, dict) else None
+        if isinstance(counts, dict):
             return {**{k: v for k, v in meta.items() if k != "splits"}, "split": split, **counts}
     return None
 
 
-def is_complete(directory: Path, split: str) -> bool:
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; ValueError for anything else (a file cut short, a list)."""
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def is_complete(directory: Path, split: str, warn: bool = True) -> bool:
     """Whether `directory` holds a finished `split` whose files are as long as its metadata says.
 
     A damaged one (a copy cut short, a crash of a machine that had not written the files out) counts as
-    unfinished, so it is built again rather than read past its end hours into a run.
+    unfinished, so it is built again rather than read past its end hours into a run; `warn` says so.
     """
     try:
         if read_split_meta(directory, split) is None:
@@ -84,29 +93,34 @@ def is_complete(directory: Path, split: str) -> bool:
     except (OSError, ValueError):
         pass  # unreadable metadata: cache_damage says what
     damage = cache_damage(directory, split)
-    if damage is not None:
+    if damage is not None and warn:
         log.warning("the %s split of the token cache %s is damaged (%s); building it again", split, directory, damage)
     return damage is None
 
 
 def cache_damage(directory: Path, split: str) -> str | None:
     """What in the finished-looking `split` of `directory` disagrees with its metadata (None: nothing)."""
+    return _checked_meta(directory, split)[1]
+
+
+def _checked_meta(directory: Path, split: str) -> tuple[dict[str, Any] | None, str | None]:
+    """`split`'s metadata and what in its files disagrees with it (None: nothing), from one reading."""
     try:
         meta = read_split_meta(directory, split)
         if meta is None:
-            return f"{split_meta_file(directory, split).name} is missing"
+            return None, f"{split_meta_file(directory, split).name} is missing"
         itemsize = np.dtype(meta["dtype"]).itemsize
         tokens, offsets_file = Path(directory) / f"{split}.bin", Path(directory) / f"{split}.idx.npy"
         if not tokens.is_file() or not offsets_file.is_file():
-            return f"{tokens.name} or {offsets_file.name} is missing"
+            return meta, f"{tokens.name} or {offsets_file.name} is missing"
         if tokens.stat().st_size != meta["num_tokens"] * itemsize:
-            return f"{tokens.name} holds {tokens.stat().st_size // itemsize:,} tokens, its metadata says {meta['num_tokens']:,}"
+            return meta, f"{tokens.name} holds {tokens.stat().st_size // itemsize:,} tokens, its metadata says {meta['num_tokens']:,}"
         offsets = np.load(offsets_file, mmap_mode="r")
         if len(offsets) != meta["num_documents"] + 1 or int(offsets[-1]) != meta["num_tokens"]:
-            return f"{offsets_file.name} does not end at the {meta['num_tokens']:,} tokens its metadata says"
+            return meta, f"{offsets_file.name} does not end at the {meta['num_tokens']:,} tokens its metadata says"
     except (OSError, ValueError, KeyError, TypeError) as error:  # unreadable JSON or offsets, a field missing
-        return f"{type(error).__name__}: {error}"
-    return None
+        return None, f"{type(error).__name__}: {error}"
+    return meta, None
 
 
 def write_split(
@@ -127,8 +141,9 @@ def write_split(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    # A split built again (it was damaged) is unfinished until its new metadata is written.
-    split_meta_file(directory, split).unlink(missing_ok=True)
+    # A damaged split's old metadata is not removed first: builders that could not lock (see data/locking.py) may
+    # be rebuilding a split another has just finished. Every build of one cache key writes the same files, and
+    # a reader between two renames finds files that disagree with the metadata and calls the split damaged.
     dtype = token_dtype(tokenizer.vocab_size)
     start = time.perf_counter()
     pieces: Iterable[Sequence[int]] = encoded(documents, tokenizer)
@@ -176,12 +191,10 @@ class TokenStore:
         """Open `split` of the finished cache in `directory`."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        damage = cache_damage(Path(directory), split)
-        if damage is not None:
+        meta, damage = _checked_meta(Path(directory), split)
+        if meta is None or damage is not None:
             raise DataError(f"the {split} split of the token cache {directory} is damaged or unfinished ({damage}); "
-                            "delete that folder and run again to build it anew.")
-        meta = read_split_meta(Path(directory), split)
-        assert meta is not None  # cache_damage said it is there
+                            "open it through TextDataModule (train.py, evaluate.py), which builds a damaged split anew.")
         self.directory = Path(directory)
         self.split = split
         self.dtype = np.dtype(meta["dtype"])

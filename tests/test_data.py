@@ -270,7 +270,7 @@ def test_a_damaged_token_cache_is_refused_then_built_again(shk: TextDataModule, 
         assert not is_complete(dm.token_dir, "train")
         assert is_complete(dm.token_dir, "test")
     assert "train split of the token cache" in caplog.text and "is damaged (train.bin holds" in caplog.text
-    with pytest.raises(DataError, match=r"train split of the token cache .* is damaged .*; delete that folder and run again"):
+    with pytest.raises(DataError, match=r"train split of the token cache .* is damaged .*; open it through TextDataModule .*, which builds a damaged split anew"):
         TokenStore(dm.token_dir, "train")
     dm.prepare()
     assert tokens.read_bytes() == full and is_complete(dm.token_dir, "train")
@@ -302,6 +302,18 @@ def test_a_split_is_tokenized_when_first_read_and_alone(shk: TextDataModule, tmp
     assert all(np.array_equal(a, b) for a, b in zip(test, shk.documents("test"), strict=True))
     assert np.array_equal(dm.store("train").tokens, shk.store("train").tokens)
     assert sorted(p.name for p in dm.token_dir.glob("*.json")) == ["test.meta.json", "train.meta.json"]
+
+
+def test_a_local_corpus_is_read_once_to_train_the_tokenizer_and_tokenize_every_split(tmp_path: Path,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import data.sources as sources_mod
+
+    reads: list[int] = []
+    read = sources_mod._read_shakespeare
+    monkeypatch.setattr(sources_mod, "_read_shakespeare", lambda: reads.append(1) or read())
+    dm = TextDataModule(seq_len=128, vocab_size=512, cache_dir=str(tmp_path))
+    assert dm.tokenizer.vocab_size == 512 and dm.prepare().store("test").num_tokens > 0
+    assert len(reads) == 1
 
 
 def test_a_cache_built_before_per_split_metadata_is_read_as_it_is(shk: TextDataModule, tmp_path: Path,
@@ -363,6 +375,68 @@ def test_a_process_waits_for_another_building_the_tokenizer_then_uses_it(shk: Te
         fcntl.flock(held, fcntl.LOCK_UN)
         waiter.join(30)
     assert got and got[0].fingerprint == shk.tokenizer.fingerprint
+
+
+def test_a_process_waits_for_another_tokenizing_a_split_then_reads_it(shk: TextDataModule, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Two processes asking for the same missing split: one tokenizes it, the other waits on the split's lock and
+    then reads it, rather than tokenizing it a second time."""
+    import fcntl
+    import shutil
+    import threading
+    import time
+
+    cache = tmp_path / "cache"
+    shutil.copytree(shk.cache_dir, cache)
+    dm = TextDataModule(seq_len=128, cache_dir=str(cache))
+    finished = dm.token_dir / "test.meta.json"
+    kept = finished.read_bytes()
+    finished.unlink()  # the test split is being built by "another process"
+
+    def boom(*args, **kwargs):
+        raise AssertionError("tokenized the split a second time")
+
+    got: list[int] = []
+    with open(dm.token_dir / "test.lock", "ab") as held, caplog.at_level(logging.INFO, logger="data"):
+        fcntl.flock(held, fcntl.LOCK_EX)
+        monkeypatch.setattr(Tokenizer, "encode_batch", boom)
+        waiter = threading.Thread(target=lambda: got.append(dm.store("test").num_tokens))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "waiting for another process to finish building the test split's tokens" not in caplog.text:
+            assert time.monotonic() < deadline and waiter.is_alive(), "the second process did not wait"
+            time.sleep(0.05)
+        finished.write_bytes(kept)  # the other process finishes the split, then lets go
+        fcntl.flock(held, fcntl.LOCK_UN)
+        waiter.join(30)
+    assert got == [shk.store("test").num_tokens]
+
+
+def test_a_rebuild_never_makes_a_finished_split_look_unfinished(shk: TextDataModule, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a file system refuses locks, two nodes may build the same split: the second build must not pull the
+    first's finished split from under its readers while it writes the same files again."""
+    import shutil
+
+    import data.tokens as tokens_mod
+    from data.tokens import TokenStore, is_complete, write_split
+
+    cache = tmp_path / "cache"
+    shutil.copytree(shk.cache_dir, cache)
+    directory = cache / "tokens" / shk.token_dir.name
+    seen: list[bool] = []
+    atomic_write = tokens_mod.atomic_write
+
+    def watching(path, write):  # a reader looks in before each file of the second build lands
+        seen.append(is_complete(directory, "test"))
+        atomic_write(path, write)
+
+    monkeypatch.setattr(tokens_mod, "atomic_write", watching)
+    write_split(directory, "test", load_documents("shakespeare", splits=("test",))["test"], shk.tokenizer,
+                json.loads((directory / "test.meta.json").read_text())["source"])
+    assert seen == [True, True] and is_complete(directory, "test")
+    assert np.array_equal(TokenStore(directory, "test").tokens, shk.store("test").tokens)
 
 
 def test_different_tokenizer_different_key(shk: TextDataModule, tmp_path: Path) -> None:
@@ -538,6 +612,29 @@ def test_an_hf_dataset_turns_only_the_asked_for_splits_into_strings(monkeypatch:
     assert "hf_revision" not in source_identity("hf", hf_name="pg19")  # unpinned caches keep their keys
     with pytest.raises(DataError, match="unknown split 'dev'"):
         load_documents("hf", hf_name="pg19", splits=("dev",))
+
+
+@pytest.mark.parametrize("own", [("train", "validation", "test"), ("train", "test"), ("train", "validation"), ("train",)])
+def test_any_subset_of_an_hf_datasets_splits_is_what_all_three_hold(own: tuple[str, ...],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked for a few splits (train, or only test), a dataset gives each the documents it gives it when asked for
+    all three: a carved split is carved the same way, and train gets back what was carved for the dataset's own."""
+    import itertools
+
+    class Split:
+        def __init__(self, texts: list[str]) -> None:
+            self.texts, self.column_names = texts, ["text"]
+
+        def __getitem__(self, column: str) -> list[str]:
+            return self.texts
+
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda name, config, revision=None: {s: Split([f"{s} text {i} " * 3 for i in range(60)]) for s in own}
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    everything = load_documents("hf", hf_name="some/dataset")
+    for k in (1, 2):
+        for subset in itertools.permutations(("train", "validation", "test"), k):
+            assert load_documents("hf", hf_name="some/dataset", splits=subset) == {s: everything[s] for s in subset}
 
 
 def test_error_tiktoken_tokenizer_in_datamodule(tmp_path: Path) -> None:
