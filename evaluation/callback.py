@@ -28,7 +28,7 @@ from data.errors import DataError
 from evaluation import report
 from evaluation.errors import EvaluationError
 from evaluation.limits import check_window, extended_window
-from evaluation.passkey import run_passkey
+from evaluation.passkey import PasskeyResult, plan_passkey, run_passkey
 from evaluation.perplexity import prepare_documents, sliding_window_perplexity, window_stride
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,8 @@ class ExtensionEvalCallback(Callback):
     ) -> dict[str, Any]:
         """One row: perplexity per window and passkey k_max for `model` now.
 
-        With shard=(rank, ranks) this process reads its share of the perplexity windows, and
-        `sum_over_ranks` (an all-reduce) adds the shares' nll and token counts up. Passkey decoding is
-        not divided: every rank decodes every prompt (fewer tokens than the perplexity windows).
+        With shard=(rank, ranks) this process reads its share of the perplexity windows and decodes its
+        share of the passkey distances, and `sum_over_ranks` (an all-reduce) adds the shares up.
         """
         if shard[1] > 1 and sum_over_ranks is None:
             raise ValueError("a sharded evaluation needs sum_over_ranks to add the shares up")
@@ -139,12 +138,16 @@ class ExtensionEvalCallback(Callback):
             window = self.passkey_window or extended_window(model)
             check_window(model, window, f"the callback's passkey window {window}")
             try:
-                passkey = run_passkey(model, datamodule.tokenizer, window, self.passkey_positions, self.passkey_trials, self.seed, batch_size=self.passkey_trials)
+                passkey = run_passkey(model, datamodule.tokenizer, window, self.passkey_positions, self.passkey_trials,
+                                      self.seed, batch_size=self.passkey_trials, shard=shard)
             except (EvaluationError, DataError) as error:  # a window too short for the prompt, a tokenizer that
                 # loses the key: not worth stopping training
                 log.warning("passkey evaluation skipped for this run: %s", error)
                 self._passkey_skipped = True
                 return row
+            if sum_over_ranks is not None:
+                passkey = _whole_passkey_grid(passkey, datamodule.tokenizer, self.passkey_positions, self.passkey_trials,
+                                              self.seed, shard, sum_over_ranks)
             row["passkey_window"] = window
             row["passkey_k_max"] = passkey.k_max
             row["passkey_success"] = float(np.mean(passkey.success_rates))
@@ -207,6 +210,20 @@ def _perplexity_shard(trainer: L.Trainer) -> tuple[int, int]:
     if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy) and trainer.world_size > 1:
         return trainer.global_rank, trainer.world_size
     return 0, 1
+
+
+def _whole_passkey_grid(
+    part: PasskeyResult, tokenizer: Any, positions: int, trials: int, seed: int, shard: tuple[int, int],
+    sum_over_ranks: Callable[[list[float]], list[float]],
+) -> PasskeyResult:
+    """The success grid of every distance from each rank's rows (rank r decoded rows r, r + ranks, ...)."""
+    plan = plan_passkey(tokenizer, part.window, positions, trials, seed)  # every rank's: the same keys and distances
+    rank, ranks = shard
+    grid = np.zeros((len(plan.distances), trials))
+    grid[rank::ranks] = np.asarray(part.successes, dtype=np.float64).reshape(-1, trials)
+    summed = np.asarray(sum_over_ranks(grid.ravel().tolist())).reshape(grid.shape)
+    return PasskeyResult(part.window, part.prompt_length, plan.distances, (summed > 0.5).tolist(), part.threshold,
+                         keys=plan.keys[: len(plan.distances)])
 
 
 def _all_reduce_sum(trainer: L.Trainer, device: torch.device) -> Callable[[list[float]], list[float]]:

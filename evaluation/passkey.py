@@ -168,8 +168,16 @@ def run_passkey(
     batch_size: int = 10,
     threshold: float = DEFAULT_THRESHOLD,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> PasskeyResult:
-    """Run the protocol: `num_positions` distances up to the window, `trials` random 5-digit keys at each."""
+    """Run the protocol: `num_positions` distances up to the window, `trials` random 5-digit keys at each.
+
+    shard=(rank, ranks) decodes every ranks-th distance of the plan, from the rank-th on, and returns those
+    rows only (the ranks' rows together are the whole grid).
+    """
+    rank, ranks = shard
+    if not 0 <= rank < ranks:
+        raise ValueError(f"shard={shard} must be (rank, ranks) with 0 <= rank < ranks")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise EvaluationError(f"passkey.batch_size={batch_size!r} must be a positive integer.")
     plan = plan_passkey(tokenizer, window, num_positions, trials, seed)
@@ -183,7 +191,8 @@ def run_passkey(
                      "in the GPU's free memory", fitted, batch_size, window)
         batch_size = fitted
     prompter = PasskeyPrompter(tokenizer)
-    keys, n_answer, length, distances = plan.keys, plan.n_answer, plan.length, plan.distances
+    n_answer, length = plan.n_answer, plan.length
+    distances, keys = plan.distances[rank::ranks], plan.keys[: len(plan.distances)][rank::ranks]
     successes, answers = [], []
     for distance, row_keys in zip(distances, keys):
         row_ok, row_text = [], []
@@ -197,4 +206,4 @@ def run_passkey(
                 row_ok.append(is_retrieved(text, key))
         successes.append(row_ok)
         answers.append(row_text)
-    return PasskeyResult(window, length, distances, successes, threshold, answers, keys[: len(distances)])
+    return PasskeyResult(window, length, distances, successes, threshold, answers, keys)

@@ -121,24 +121,27 @@ def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(cac
 
 @pytest.mark.slow
 def test_ddp_ranks_divide_the_by_step_perplexity_and_add_it_up(cache_dir, tmp_path):
-    """Two DDP ranks each read half of the by-step evaluation's windows; the all-reduced row is what one process
-    reading every window of the same documents with the same weights gets."""
+    """Two DDP ranks each read half of the by-step evaluation's windows and decode half of its passkey distances;
+    the all-reduced row is what one process doing all of it with the same weights gets."""
     from omegaconf import OmegaConf
 
     from evaluation.callback import ExtensionEvalCallback
 
+    # A 256-token window holds the passkey prompt (the smoke model's 64 does not); 3 keys at each of 8 distances.
+    long_enough = ["model.max_seq_len=256", "eval.every_n_steps=3", "eval.passkey_trials=3"]
     run_train(cache_dir, tmp_path, "trainer.devices=2", "trainer.strategy=ddp", "optim.pretrain.batch_size=2",
-              "optim.pretrain.max_steps=3", "eval.every_n_steps=3", "eval.passkey_trials=0")
+              "optim.pretrain.max_steps=3", *long_enough)
     row = json.loads((tmp_path / "eval_by_step.json").read_text())[-1]
-    assert row["step"] == 3
+    assert row["step"] == 3 and row["passkey_window"] == 256
     windows = sorted(int(k.removeprefix("ppl_")) for k in row if k.startswith("ppl_"))
     model = load_pretrained(tmp_path / "checkpoints" / "last.ckpt").build_model().eval()
-    cfg = compose_config("experiment=smoke", f"data.cache_dir={cache_dir}", *COMMON)
-    data = TextDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seq_len=model.args.max_seq_len)
-    one_process = ExtensionEvalCallback(windows=windows, max_documents=int(cfg.eval.max_documents), passkey_trials=0,
-                                        batch_size=int(cfg.eval.batch_size)).evaluate_model(model, data, step=3)
+    cfg = compose_config("experiment=smoke", f"data.cache_dir={cache_dir}", *COMMON, *long_enough)
+    data = TextDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seq_len=256)
+    one_process = ExtensionEvalCallback(windows=windows, max_documents=int(cfg.eval.max_documents), passkey_window=256,
+                                        passkey_trials=3, batch_size=int(cfg.eval.batch_size)).evaluate_model(model, data, step=3)
     for window in windows:
         assert row[f"ppl_{window}"] == pytest.approx(one_process[f"ppl_{window}"], rel=1e-6), window
+    assert (row["passkey_k_max"], row["passkey_success"]) == (one_process["passkey_k_max"], one_process["passkey_success"])
 
 
 @pytest.mark.slow

@@ -114,6 +114,16 @@ def test_shards_of_the_windows_add_up_to_the_whole_reading():
         sliding_window_perplexity(model, docs, 16, 4, shard=(3, 3))
 
 
+def test_passkey_shards_are_the_whole_grids_rows(tokenizer):
+    """Rank r of n decodes distances r, r + n, ...: those rows of the one-process grid, with the same keys."""
+    model = tiny_model(vocab_size=VOCAB, max_seq_len=256)
+    whole = run_passkey(model, tokenizer, 256, num_positions=5, trials=2, batch_size=2)
+    for rank in range(2):
+        part = run_passkey(model, tokenizer, 256, num_positions=5, trials=2, batch_size=2, shard=(rank, 2))
+        assert part.distances == whole.distances[rank::2] and part.keys == whole.keys[rank::2]
+        assert part.successes == whole.successes[rank::2] and part.answers == whole.answers[rank::2]
+
+
 def test_stride_equal_to_window_scores_every_token_reading_each_window_start_with_one_token_of_context():
     """Non-overlapping chunks would leave each chunk's first token unscored (a 64-token document: 60 of 63)."""
     model = tiny_model()

@@ -456,6 +456,25 @@ def test_by_step_perplexity_is_divided_over_ddp_ranks_only():
         ExtensionEvalCallback(windows=[16]).evaluate_model(tiny_model(vocab_size=VOCAB), _LongDocuments(64), 0, (0, 2))
 
 
+def test_the_ranks_passkey_rows_make_the_whole_grid(tokenizer):  # noqa: F811
+    """Rank r of 2 decoded distances r, r + 2, ...: each places its rows, the all-reduce adds the grids up, and
+    every rank ends with the one-process grid and k_max."""
+    from evaluation.callback import _whole_passkey_grid
+    from evaluation.passkey import PasskeyResult, plan_passkey
+
+    plan = plan_passkey(tokenizer, 256, 5, 2, seed=0)
+    truth = [[True, False], [True, True], [False, True], [True, True], [False, False]][: len(plan.distances)]
+    parts = [PasskeyResult(256, plan.length, plan.distances[r::2], truth[r::2]) for r in range(2)]
+    local: list[list[float]] = []
+    for rank in range(2):  # what each rank hands the all-reduce
+        _whole_passkey_grid(parts[rank], tokenizer, 5, 2, 0, (rank, 2), lambda values: local.append(values) or values)
+    total = [a + b for a, b in zip(*local)]
+    for rank in range(2):
+        whole = _whole_passkey_grid(parts[rank], tokenizer, 5, 2, 0, (rank, 2), lambda values: total)
+        assert whole.distances == plan.distances and whole.successes == truth and whole.keys == plan.keys[: len(truth)]
+        assert whole.k_max == PasskeyResult(256, plan.length, plan.distances, truth).k_max > 0
+
+
 def test_by_step_columns_past_4096_tokens_read_documents_longer_than_their_window(caplog):
     """The by-step table at L' = 8192 (the paper's PG-19 fine-tunes): each column reads every document sliding at
     its own window. Cut at 4096 tokens (the old fixed default), 8192 read each document as one window, as 4096 did."""
