@@ -298,12 +298,22 @@ def _materialise_tokenizer(model_bytes: bytes | None) -> Path | None:
     return path
 
 
+def hidden_name(name: str) -> str:
+    """A hidden name derived from the file or folder `name`, for what is written beside it on the way to it.
+
+    Never containing "ckpt_": Lightning numbers the checkpoint it saves before SLURM requeues a job
+    (hpc_ckpt_<n>.ckpt) from the digits of every name in the run folder that does, so a temporary
+    ".hpc_ckpt_1.ckpt.<digits>" would make it look for, and write, hpc_ckpt_1<digits>.ckpt.
+    """
+    return "." + name.replace("ckpt_", "ckpt-")
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Let `write` fill a temporary file beside `path`, flush it to disk, then rename it over `path`:
     readers never see half a file, and a crash mid-write leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{hidden_name(path.name)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

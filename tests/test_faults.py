@@ -362,6 +362,55 @@ def test_a_sharded_checkpoint_is_switched_in_atomically_and_a_failed_save_keeps_
     assert not link.exists() and not link.is_symlink()
 
 
+def _lightnings_next_slurm_checkpoint(run_dir: Path) -> tuple[str, str | None]:
+    """What Lightning would name its next SLURM checkpoint in run_dir, and which one a requeued job resumes from."""
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    newest = _CheckpointConnector._CheckpointConnector__max_ckpt_version_in_folder(run_dir, "hpc_ckpt_")
+    return Path(_CheckpointConnector.hpc_save_path(run_dir)).name, None if newest is None else f"hpc_ckpt_{newest}.ckpt"
+
+
+def test_the_projects_temporary_names_leave_lightnings_slurm_checkpoint_numbering_alone(tmp_path, monkeypatch):
+    """Lightning numbers the checkpoint it saves before SLURM requeues a job from the digits of every name holding
+    "ckpt_" in the run folder. A sharded save's hidden folder ".hpc_ckpt_1.ckpt.<step>-<time>" made it resume from
+    hpc_ckpt_1<step><time>.ckpt, which does not exist; so did a file save's temporary file, while it was written."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from model.checkpoints import atomic_write
+
+    monkeypatch.setattr(ModelParallelStrategy, "save_checkpoint", lambda self, checkpoint, path, storage_options=None:
+                        Path(path).mkdir(parents=True))
+    strategy = ShardedDataParallel()  # no process group: broadcast and barrier are no-ops
+    strategy.save_checkpoint({"global_step": 12}, tmp_path / "hpc_ckpt_1.ckpt")
+    assert len(list(tmp_path.iterdir())) == 2  # the link and its hidden folder
+    assert _lightnings_next_slurm_checkpoint(tmp_path) == ("hpc_ckpt_2.ckpt", "hpc_ckpt_1.ckpt")
+    seen = []
+    atomic_write(tmp_path / "hpc_ckpt_2.ckpt", lambda handle: seen.append(_lightnings_next_slurm_checkpoint(tmp_path)))
+    assert seen == [("hpc_ckpt_2.ckpt", "hpc_ckpt_1.ckpt")]  # its temporary file is there, and not counted
+
+
+def test_a_job_slurm_requeued_resumes_from_lightnings_checkpoint_as_a_resume(cache_dir, tmp_path, monkeypatch):
+    """Lightning saves run_dir/hpc_ckpt_<n>.ckpt on SLURM's signal and requeues the job, which starts again with the
+    same command (resume= null). train.py resumes it from the newest of them as if given resume=: the steps before
+    it keep their metrics rows, and the run ends as an uninterrupted one does."""
+    from training.faults import requeued_checkpoint
+
+    steps = [*RESUMABLE, "optim.pretrain.schedule=constant"]
+    full = train(smoke(cache_dir, tmp_path / "full", *steps, "optim.pretrain.max_steps=6"))
+    train(smoke(cache_dir, tmp_path / "job", *steps, "optim.pretrain.max_steps=3"))
+    checkpoints = tmp_path / "job" / "checkpoints"
+    (checkpoints / "last.ckpt").rename(tmp_path / "job" / "hpc_ckpt_1.ckpt")  # as Lightning's signal handler saves it
+    assert requeued_checkpoint(tmp_path / "job") is None  # not under SLURM: nothing is picked up
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "pi", "SLURM_JOB_ID": "7",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+                        "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert requeued_checkpoint(tmp_path / "job") == tmp_path / "job" / "hpc_ckpt_1.ckpt"
+    resumed = train(smoke(cache_dir, tmp_path / "job", *steps, "optim.pretrain.max_steps=6"))
+    assert losses(tmp_path / "job") == losses(tmp_path / "full")  # rows 0-2 kept, 3-5 from the resumed run
+    assert_same_weights(full.last_checkpoint, resumed.last_checkpoint)
+
+
 def test_a_real_folder_in_the_way_is_replaced_by_the_link(tmp_path):
     (tmp_path / "last.ckpt").mkdir()
     (tmp_path / ".last.ckpt.new").mkdir()

@@ -184,6 +184,15 @@ def test_a_resume_keeps_the_first_runs_hydra_record_and_hydra_writes_into_run_di
     assert default.hydra.run.dir.startswith("outputs/")
 
 
+def test_a_job_slurm_requeued_keeps_the_first_runs_hydra_record(tmp_path, monkeypatch):
+    """The requeued job runs the same command line (no resume=) into the same run_dir: it resumes from Lightning's
+    hpc checkpoint, so its Hydra record goes beside the first run's as a resume's does."""
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        requeued = compose("config", overrides=[f"run_dir={tmp_path / 'run'}"], return_hydra_config=True)
+    assert requeued.hydra.output_subdir.startswith(".hydra/resumed-")
+
+
 def test_the_bundled_base_of_a_passkey_mix_is_keyed_by_the_prompt_recipe(monkeypatch):
     """A new passkey recipe is new training data: a cached base trained on the old prompts is not reused."""
     import training.run as run

@@ -19,6 +19,7 @@ from typing import Any
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from model import Llama
+from model.checkpoints import hidden_name
 
 FSDP = "fsdp"
 
@@ -69,7 +70,7 @@ class ShardedDataParallel(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         target = Path(self.broadcast(str(filepath)))
         stamp = self.broadcast(f"{checkpoint.get('global_step', 0)}-{time.time_ns()}")
-        staging = target.with_name(f".{target.name}.{stamp}")
+        staging = target.with_name(f"{hidden_name(target.name)}.{stamp}")
         super().save_checkpoint(checkpoint, staging, storage_options)  # every rank writes its shard
         self.barrier()
         if self.is_global_zero:
@@ -85,10 +86,10 @@ def _point_link(link: Path, folder: Path) -> None:
     """Make `link` a symbolic link to `folder` (a sibling) atomically; delete what it pointed to."""
     previous = link.resolve() if link.is_symlink() else None
     if link.exists() and not link.is_symlink():  # a real file or folder from elsewhere: moved aside, then removed
-        aside = link.with_name(f".{link.name}.replaced-{time.time_ns()}")
+        aside = link.with_name(f"{hidden_name(link.name)}.replaced-{time.time_ns()}")
         os.replace(link, aside)
         previous = aside
-    temporary = link.with_name(f".{link.name}.link-{os.getpid()}")
+    temporary = link.with_name(f"{hidden_name(link.name)}.link-{os.getpid()}")
     temporary.unlink(missing_ok=True)
     os.symlink(folder.name, temporary)  # relative: the run folder can be moved
     os.replace(temporary, link)

@@ -35,8 +35,12 @@ def _run_dir_or(run_dir: Any, default: Any) -> Any:
 
 def _hydra_record(resume: Any, stamp: Any) -> str:
     """`${hydra_record:${resume},${now:...}}`, Hydra's output_subdir: .hydra, or .hydra/resumed-<stamp> for a
-    resume, which writes into the interrupted run's folder and would otherwise replace its config and overrides."""
-    return ".hydra" if resume is None else f".hydra/resumed-{stamp}"
+    resume, which writes into the interrupted run's folder and would otherwise replace its config and overrides.
+    A job SLURM requeued (SLURM_RESTART_COUNT > 0) is a resume too: it goes on from Lightning's hpc checkpoint."""
+    requeued = os.environ.get("SLURM_RESTART_COUNT", "0").strip()
+    if resume is None and not (requeued.isdigit() and int(requeued) > 0):
+        return ".hydra"
+    return f".hydra/resumed-{stamp}"
 
 
 def register() -> None:

@@ -32,7 +32,7 @@ from model.checkpoints import (PROJECT_KEY, CheckpointError, Pretrained, atomic_
 from .callbacks import Throughput, measured_matmul_peak
 from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, checkpoint_metadata, kind_and_scale, model_args_from_config, validate
 from .distributed import build_strategy
-from .faults import FaultTolerance, NonFiniteLossError, ResumingCSVLogger, checkpoint_step
+from .faults import FaultTolerance, NonFiniteLossError, ResumingCSVLogger, checkpoint_step, requeued_checkpoint
 from .memory import AtomicCheckpointIO, apply_activation_checkpointing, compile_blocks
 from .module import CausalLMTask
 
@@ -53,6 +53,11 @@ class RunResult:
 
 def train(cfg: DictConfig) -> RunResult:
     """Pretrain (stage=pretrain) or extend the window of (stage=finetune) a model, as `cfg` says."""
+    if cfg.resume is None:
+        requeued = requeued_checkpoint(_run_dir_path(cfg))
+        if requeued is not None:
+            log.warning("resuming from %s, the checkpoint Lightning saved before SLURM requeued this job", requeued)
+            cfg.resume = str(requeued)
     stage = validate(cfg)
     run_dir = _run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -176,17 +181,21 @@ def train(cfg: DictConfig) -> RunResult:
 
 
 def _run_dir(cfg: DictConfig) -> Path:
-    if cfg.run_dir is not None:
-        path = Path(str(cfg.run_dir))
-    else:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            path = Path(HydraConfig.get().runtime.output_dir)
-        except ValueError:  # composed outside @hydra.main (tests, notebooks)
-            path = Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    path = _run_dir_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _run_dir_path(cfg: DictConfig) -> Path:
+    """run_dir, or Hydra's output folder (a timestamped one outside @hydra.main), not yet made."""
+    if cfg.run_dir is not None:
+        return Path(str(cfg.run_dir))
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # composed outside @hydra.main (tests, notebooks)
+        return Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
 def _check_resume_tokenizer(resume: Path, tokenizer: Path) -> None:
