@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +112,15 @@ class ExtensionEvalCallback(Callback):
     # -- work ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate_model(
-        self, model: torch.nn.Module, datamodule: Any, step: int, shard: tuple[int, int] = (0, 1),
-        sum_over_ranks: Callable[[list[float]], list[float]] | None = None,
-    ) -> dict[str, Any]:
+    def evaluate_model(self, model: torch.nn.Module, datamodule: Any, step: int, ranks: Ranks | None = None) -> dict[str, Any]:
         """One row: perplexity per window and passkey k_max for `model` now.
 
-        With shard=(rank, ranks) this process reads its share of the perplexity windows and decodes its
-        share of the passkey distances, and `sum_over_ranks` (an all-reduce) adds the shares up.
+        `ranks` (None: this process alone) are the processes evaluating together: with ranks.shard =
+        (rank, n) this one reads its share of the perplexity windows and decodes its share of the passkey
+        distances, and ranks.sum adds the shares up.
         """
-        if shard[1] > 1 and sum_over_ranks is None:
-            raise ValueError("a sharded evaluation needs sum_over_ranks to add the shares up")
+        ranks = ranks or ONE_PROCESS
+        shard, divided = ranks.shard, ranks.shard[1] > 1
         if self._documents is None:
             self._documents = prepare_documents(datamodule.documents(self.split), self.max_documents, self.max_tokens_per_document)
             _warn_short_documents(self._documents, self.windows, self.split)
@@ -130,8 +129,8 @@ class ExtensionEvalCallback(Callback):
             check_window(model, window, f"the callback's ppl window {window}")
             stride = window_stride(self.stride, window, self.max_stride_fraction)
             result = sliding_window_perplexity(model, self._documents, window, stride, self.batch_size, shard=shard)
-            if sum_over_ranks is not None:
-                result.nll, tokens = sum_over_ranks([result.nll, float(result.tokens)])
+            if divided:
+                result.nll, tokens = ranks.sum([result.nll, float(result.tokens)])
                 result.tokens = int(round(tokens))
             row[f"ppl_{window}"] = result.ppl
         if self.passkey_trials > 0 and not self._passkey_skipped:
@@ -139,15 +138,15 @@ class ExtensionEvalCallback(Callback):
             check_window(model, window, f"the callback's passkey window {window}")
             try:
                 passkey = run_passkey(model, datamodule.tokenizer, window, self.passkey_positions, self.passkey_trials,
-                                      self.seed, batch_size=self.passkey_trials, shard=shard)
+                                      self.seed, batch_size=self.passkey_trials, shard=shard, agree_batch_size=ranks.min)
             except (EvaluationError, DataError) as error:  # a window too short for the prompt, a tokenizer that
                 # loses the key: not worth stopping training
                 log.warning("passkey evaluation skipped for this run: %s", error)
                 self._passkey_skipped = True
                 return row
-            if sum_over_ranks is not None:
+            if divided:
                 passkey = _whole_passkey_grid(passkey, datamodule.tokenizer, self.passkey_positions, self.passkey_trials,
-                                              self.seed, shard, sum_over_ranks)
+                                              self.seed, shard, ranks.sum)
             row["passkey_window"] = window
             row["passkey_k_max"] = passkey.k_max
             row["passkey_success"] = float(np.mean(passkey.success_rates))
@@ -174,10 +173,9 @@ class ExtensionEvalCallback(Callback):
         model.eval()
         try:
             # Run on every rank: a sharded (FSDP) forward needs all of them; only rank 0 writes.
-            shard = _perplexity_shard(trainer)
+            ranks = _trainer_ranks(trainer, pl_module.device)
             with trainer.strategy.precision_plugin.forward_context():
-                row = self.evaluate_model(model, trainer.datamodule, step, shard,
-                                          _all_reduce_sum(trainer, pl_module.device) if shard[1] > 1 else None)
+                row = self.evaluate_model(model, trainer.datamodule, step, ranks)
         finally:
             model.train(was_training)
         self.rows.append(row)
@@ -203,9 +201,33 @@ class ExtensionEvalCallback(Callback):
         report.write_text(path.with_suffix(".md"), report.by_step_markdown(self.rows) + "\n")
 
 
-def _perplexity_shard(trainer: L.Trainer) -> tuple[int, int]:
-    """(rank, ranks) the perplexity windows are divided over: DDP's ranks each hold the whole model and read a
-    share. Under FSDP or DeepSpeed every forward gathers weights from every rank, so each rank reads them all."""
+@dataclass(frozen=True)
+class Ranks:
+    """The processes an evaluation runs on together: the share of the work this one does, and the all-reduces."""
+
+    shard: tuple[int, int]  # (rank, n): every n-th piece of the divided work from the rank-th on; (0, 1): all of it
+    sum: Callable[[list[float]], list[float]]  # each number summed over the processes
+    min: Callable[[int], int]  # the smallest over the processes
+
+
+ONE_PROCESS = Ranks((0, 1), lambda values: values, lambda value: value)
+
+
+def _trainer_ranks(trainer: L.Trainer, device: torch.device) -> Ranks:
+    """The trainer's processes, with the all-reduces on `device` (NCCL reduces CUDA tensors only)."""
+    if trainer.world_size == 1:
+        return ONE_PROCESS
+
+    def reduce(values: list[float], op: str) -> list[float]:
+        # float64: token counts stay exact, nll sums keep their digits
+        return trainer.strategy.reduce(torch.tensor(values, dtype=torch.float64, device=device), reduce_op=op).tolist()
+
+    return Ranks(_shard(trainer), lambda values: reduce(values, "sum"), lambda value: int(reduce([value], "min")[0]))
+
+
+def _shard(trainer: L.Trainer) -> tuple[int, int]:
+    """(rank, n) the work is divided over: DDP's ranks each hold the whole model and do a share. Under FSDP or
+    DeepSpeed every forward gathers weights from every rank, so each rank does all of it (in the same batches)."""
     strategy = trainer.strategy
     if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy) and trainer.world_size > 1:
         return trainer.global_rank, trainer.world_size
@@ -224,15 +246,6 @@ def _whole_passkey_grid(
     summed = np.asarray(sum_over_ranks(grid.ravel().tolist())).reshape(grid.shape)
     return PasskeyResult(part.window, part.prompt_length, plan.distances, (summed > 0.5).tolist(), part.threshold,
                          keys=plan.keys[: len(plan.distances)])
-
-
-def _all_reduce_sum(trainer: L.Trainer, device: torch.device) -> Callable[[list[float]], list[float]]:
-    """Sums a few numbers over the ranks (float64: token counts stay exact, nll sums keep their digits)."""
-    def reduce(values: list[float]) -> list[float]:
-        summed = trainer.strategy.reduce(torch.tensor(values, dtype=torch.float64, device=device), reduce_op="sum")
-        return summed.tolist()
-
-    return reduce
 
 
 def _finite(value: Any) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -169,11 +169,14 @@ def run_passkey(
     threshold: float = DEFAULT_THRESHOLD,
     device: torch.device | str | None = None,
     shard: tuple[int, int] = (0, 1),
+    agree_batch_size: Callable[[int], int] | None = None,
 ) -> PasskeyResult:
     """Run the protocol: `num_positions` distances up to the window, `trials` random 5-digit keys at each.
 
     shard=(rank, ranks) decodes every ranks-th distance of the plan, from the rank-th on, and returns those
-    rows only (the ranks' rows together are the whole grid).
+    rows only (the ranks' rows together are the whole grid). `agree_batch_size` (e.g. the minimum over the
+    processes) turns the batch size fitted to this GPU's free memory into one every process uses: under FSDP each
+    forward gathers weights from all of them, so they must run the same forwards.
     """
     rank, ranks = shard
     if not 0 <= rank < ranks:
@@ -186,6 +189,8 @@ def run_passkey(
     if hasattr(model, "args"):  # a Llama: its KV cache can be sized (an HF adapter decodes its own way)
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         fitted = fitted_batch_size(batch_size, model.args, window, parameter.element_size(), free)
+        if agree_batch_size is not None:
+            fitted = agree_batch_size(fitted)
         if fitted < batch_size:
             log.info("passkey: %d prompts per batch instead of passkey.batch_size=%d, so that their %d-token KV caches fit "
                      "in the GPU's free memory", fitted, batch_size, window)

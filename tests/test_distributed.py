@@ -119,29 +119,72 @@ def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(cac
                          one_process["weights"])
 
 
+# A sitecustomize that records the callback's perplexity and passkey calls per rank (rank-<r>.jsonl in OUT): every
+# process of the run imports it, the rank the launcher starts included.
+RECORDING_SITECUSTOMIZE = """
+import json, os
+import evaluation.callback as callback
+read, decode = callback.sliding_window_perplexity, callback.run_passkey
+def record(entry):
+    with open(os.path.join({out!r}, "rank-" + os.environ.get("LOCAL_RANK", "0") + ".jsonl"), "a") as handle:
+        handle.write(json.dumps(entry) + "\\n")
+def recorded_read(model, documents, window, *args, **kwargs):
+    result = read(model, documents, window, *args, **kwargs)
+    record({{"window": window, "shard": kwargs["shard"], "tokens": result.tokens}})
+    return result
+def recorded_decode(*args, **kwargs):
+    result = decode(*args, **kwargs)
+    record({{"passkey_shard": kwargs["shard"], "distances": result.distances}})
+    return result
+callback.sliding_window_perplexity, callback.run_passkey = recorded_read, recorded_decode
+"""
+
+
 @pytest.mark.slow
 def test_ddp_ranks_divide_the_by_step_perplexity_and_add_it_up(cache_dir, tmp_path):
-    """Two DDP ranks each read half of the by-step evaluation's windows and decode half of its passkey distances;
-    the all-reduced row is what one process doing all of it with the same weights gets."""
+    """Two DDP ranks each read half of the by-step evaluation's windows and decode half of its passkey distances
+    (recorded per rank); the all-reduced row is what one process doing all of it with the same weights gets."""
     from omegaconf import OmegaConf
 
     from evaluation.callback import ExtensionEvalCallback
+    from evaluation.passkey import plan_passkey
+    from evaluation.perplexity import sliding_window_perplexity, window_stride
 
+    run_dir, out, site = tmp_path / "run", tmp_path / "records", tmp_path / "site"
+    out.mkdir()
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RECORDING_SITECUSTOMIZE.format(out=str(out)))
     # A 256-token window holds the passkey prompt (the smoke model's 64 does not); 3 keys at each of 8 distances.
     long_enough = ["model.max_seq_len=256", "eval.every_n_steps=3", "eval.passkey_trials=3"]
-    run_train(cache_dir, tmp_path, "trainer.devices=2", "trainer.strategy=ddp", "optim.pretrain.batch_size=2",
-              "optim.pretrain.max_steps=3", *long_enough)
-    row = json.loads((tmp_path / "eval_by_step.json").read_text())[-1]
+    args = ["experiment=smoke", f"data.cache_dir={cache_dir}", f"run_dir={run_dir}", *COMMON, "trainer.devices=2",
+            "trainer.strategy=ddp", "optim.pretrain.batch_size=2", "optim.pretrain.max_steps=3", *long_enough]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    row = json.loads((run_dir / "eval_by_step.json").read_text())[-1]
     assert row["step"] == 3 and row["passkey_window"] == 256
     windows = sorted(int(k.removeprefix("ppl_")) for k in row if k.startswith("ppl_"))
-    model = load_pretrained(tmp_path / "checkpoints" / "last.ckpt").build_model().eval()
+    model = load_pretrained(run_dir / "checkpoints" / "last.ckpt").build_model().eval()
     cfg = compose_config("experiment=smoke", f"data.cache_dir={cache_dir}", *COMMON, *long_enough)
     data = TextDataModule(**OmegaConf.to_container(cfg.data, resolve=True), seq_len=256)
-    one_process = ExtensionEvalCallback(windows=windows, max_documents=int(cfg.eval.max_documents), passkey_window=256,
-                                        passkey_trials=3, batch_size=int(cfg.eval.batch_size)).evaluate_model(model, data, step=3)
+    callback = ExtensionEvalCallback(windows=windows, max_documents=int(cfg.eval.max_documents), passkey_window=256,
+                                     passkey_trials=3, batch_size=int(cfg.eval.batch_size))
+    one_process = callback.evaluate_model(model, data, step=3)
     for window in windows:
         assert row[f"ppl_{window}"] == pytest.approx(one_process[f"ppl_{window}"], rel=1e-6), window
     assert (row["passkey_k_max"], row["passkey_success"]) == (one_process["passkey_k_max"], one_process["passkey_success"])
+
+    # What each rank did at the last evaluation: a strict share of the windows and of the distances.
+    records = [[json.loads(line) for line in (out / f"rank-{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)]
+    reads = [[r for r in rank_records if "window" in r][-len(windows):] for rank_records in records]
+    for window, first, second in zip(windows, *reads, strict=True):
+        whole = sliding_window_perplexity(model, callback._documents, window, window_stride(256, window, 0.125),
+                                          int(cfg.eval.batch_size)).tokens
+        assert (first["shard"], second["shard"]) == ([0, 2], [1, 2])
+        assert 0 < first["tokens"] < whole and first["tokens"] + second["tokens"] == whole
+    decoded = [[r for r in rank_records if "passkey_shard" in r][-1] for rank_records in records]
+    planned = plan_passkey(data.tokenizer, 256, callback.passkey_positions, 3, callback.seed).distances
+    assert (decoded[0]["distances"], decoded[1]["distances"]) == (planned[0::2], planned[1::2])
 
 
 @pytest.mark.slow

@@ -124,6 +124,22 @@ def test_passkey_shards_are_the_whole_grids_rows(tokenizer):
         assert part.successes == whole.successes[rank::2] and part.answers == whole.answers[rank::2]
 
 
+def test_the_passkey_batch_is_the_one_the_processes_agree_on(tokenizer, monkeypatch):
+    """Under FSDP every forward gathers weights from all ranks: a rank with less free GPU memory than the others
+    (a smaller fitted batch) would run more forwards and hang them. The agreed size (the minimum over the
+    ranks, from the callback) is the one every rank decodes with."""
+    model = tiny_model(vocab_size=VOCAB, max_seq_len=256)
+    batches: list[int] = []
+    decode = passkey_module.greedy_continuations
+    monkeypatch.setattr(passkey_module, "greedy_continuations",
+                        lambda model, prompts, n: batches.append(len(prompts)) or decode(model, prompts, n))
+    asked: list[int] = []
+    agreed = run_passkey(model, tokenizer, 256, num_positions=2, trials=4, batch_size=4,
+                         agree_batch_size=lambda fitted: asked.append(fitted) or 2)
+    assert asked == [4] and batches == [2, 2, 2, 2]
+    assert agreed.successes == run_passkey(model, tokenizer, 256, num_positions=2, trials=4, batch_size=4).successes
+
+
 def test_stride_equal_to_window_scores_every_token_reading_each_window_start_with_one_token_of_context():
     """Non-overlapping chunks would leave each chunk's first token unscored (a 64-token document: 60 of 63)."""
     model = tiny_model()

@@ -442,18 +442,16 @@ def test_by_step_perplexity_is_divided_over_ddp_ranks_only():
 
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-    from evaluation.callback import _perplexity_shard
+    from evaluation.callback import _shard
 
     def trainer(strategy, world_size=4, rank=2):
         return SimpleNamespace(strategy=strategy, world_size=world_size, global_rank=rank)
 
-    assert _perplexity_shard(trainer(DDPStrategy())) == (2, 4)
-    assert _perplexity_shard(trainer(DDPStrategy(), world_size=1, rank=0)) == (0, 1)
-    assert _perplexity_shard(trainer(ModelParallelStrategy())) == (0, 1)
-    assert _perplexity_shard(trainer(DeepSpeedStrategy.__new__(DeepSpeedStrategy))) == (0, 1)  # no deepspeed needed
-    assert _perplexity_shard(trainer(SingleDeviceStrategy("cpu"), world_size=1, rank=0)) == (0, 1)
-    with pytest.raises(ValueError, match="needs sum_over_ranks"):
-        ExtensionEvalCallback(windows=[16]).evaluate_model(tiny_model(vocab_size=VOCAB), _LongDocuments(64), 0, (0, 2))
+    assert _shard(trainer(DDPStrategy())) == (2, 4)
+    assert _shard(trainer(DDPStrategy(), world_size=1, rank=0)) == (0, 1)
+    assert _shard(trainer(ModelParallelStrategy())) == (0, 1)
+    assert _shard(trainer(DeepSpeedStrategy.__new__(DeepSpeedStrategy))) == (0, 1)  # no deepspeed needed
+    assert _shard(trainer(SingleDeviceStrategy("cpu"), world_size=1, rank=0)) == (0, 1)
 
 
 def test_the_ranks_passkey_rows_make_the_whole_grid(tokenizer):  # noqa: F811

@@ -389,26 +389,55 @@ def test_the_projects_temporary_names_leave_lightnings_slurm_checkpoint_numberin
     assert seen == [("hpc_ckpt_2.ckpt", "hpc_ckpt_1.ckpt")]  # its temporary file is there, and not counted
 
 
+SLURM_TASK = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "pi", "SLURM_JOB_ID": "7",
+              "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+
+
 def test_a_job_slurm_requeued_resumes_from_lightnings_checkpoint_as_a_resume(cache_dir, tmp_path, monkeypatch):
     """Lightning saves run_dir/hpc_ckpt_<n>.ckpt on SLURM's signal and requeues the job, which starts again with the
-    same command (resume= null). train.py resumes it from the newest of them as if given resume=: the steps before
+    same command (resume= null). train.py resumes it from that checkpoint as if given resume=: the steps before
     it keep their metrics rows, and the run ends as an uninterrupted one does."""
-    from training.faults import requeued_checkpoint
-
     steps = [*RESUMABLE, "optim.pretrain.schedule=constant"]
     full = train(smoke(cache_dir, tmp_path / "full", *steps, "optim.pretrain.max_steps=6"))
     train(smoke(cache_dir, tmp_path / "job", *steps, "optim.pretrain.max_steps=3"))
-    checkpoints = tmp_path / "job" / "checkpoints"
-    (checkpoints / "last.ckpt").rename(tmp_path / "job" / "hpc_ckpt_1.ckpt")  # as Lightning's signal handler saves it
-    assert requeued_checkpoint(tmp_path / "job") is None  # not under SLURM: nothing is picked up
-    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "pi", "SLURM_JOB_ID": "7",
-                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
-                        "SLURM_RESTART_COUNT": "1"}.items():
+    (tmp_path / "job" / "checkpoints" / "last.ckpt").rename(tmp_path / "job" / "hpc_ckpt_1.ckpt")  # as the signal's
+    for name, value in {**SLURM_TASK, "SLURM_RESTART_COUNT": "1"}.items():
         monkeypatch.setenv(name, value)
-    assert requeued_checkpoint(tmp_path / "job") == tmp_path / "job" / "hpc_ckpt_1.ckpt"
     resumed = train(smoke(cache_dir, tmp_path / "job", *steps, "optim.pretrain.max_steps=6"))
     assert losses(tmp_path / "job") == losses(tmp_path / "full")  # rows 0-2 kept, 3-5 from the resumed run
     assert_same_weights(full.last_checkpoint, resumed.last_checkpoint)
+
+
+def test_a_requeued_job_goes_on_from_the_newest_checkpoint_of_its_run(tmp_path, monkeypatch):
+    """Lightning's hpc checkpoint, SIGTERM's or a periodic last.ckpt written after it, or the command line's resume=:
+    whichever is newest. Outside SLURM, or in a run folder no job of which was requeued, nothing changes."""
+    from training.slurm import is_requeued_run, requeue_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    saved = {run / "hpc_ckpt_1.ckpt": 40, run / "hpc_ckpt_2.ckpt": 90, run / "checkpoints" / "last.ckpt": 120,
+             tmp_path / "given.ckpt": 100}
+    for path in saved:
+        path.touch()
+    step = saved.get
+    given = tmp_path / "given.ckpt"
+    assert requeue_checkpoint(run, None, step) is None and requeue_checkpoint(run, given, step) == given  # no SLURM
+    for name, value in SLURM_TASK.items():
+        monkeypatch.setenv(name, value)
+    assert is_requeued_run(run)  # Lightning's checkpoint is there: Lightning itself would resume from it
+    assert requeue_checkpoint(run, None, step) == run / "checkpoints" / "last.ckpt"  # written after the signal
+    saved[run / "checkpoints" / "last.ckpt"] = 60
+    assert requeue_checkpoint(run, None, step) == run / "hpc_ckpt_2.ckpt"
+    assert requeue_checkpoint(run, given, step) == given  # a newer resume= than any of them
+    saved[run / "hpc_ckpt_2.ckpt"] = None  # unreadable: left out
+    assert requeue_checkpoint(run, None, step) == run / "checkpoints" / "last.ckpt"
+    for path in run.glob("hpc_ckpt_*"):
+        path.unlink()
+    assert not is_requeued_run(run) and requeue_checkpoint(run, None, step) is None  # a new job in an old folder
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeued (preempted, no signal): last.ckpt is what there is
+    assert requeue_checkpoint(run, None, step) == run / "checkpoints" / "last.ckpt"
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning's way to opt out of its SLURM environment
+    assert requeue_checkpoint(run, None, step) is None
 
 
 def test_a_real_folder_in_the_way_is_replaced_by_the_link(tmp_path):

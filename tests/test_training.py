@@ -186,11 +186,23 @@ def test_a_resume_keeps_the_first_runs_hydra_record_and_hydra_writes_into_run_di
 
 def test_a_job_slurm_requeued_keeps_the_first_runs_hydra_record(tmp_path, monkeypatch):
     """The requeued job runs the same command line (no resume=) into the same run_dir: it resumes from Lightning's
-    hpc checkpoint, so its Hydra record goes beside the first run's as a resume's does."""
+    hpc checkpoint there, so its Hydra record goes beside the first run's as a resume's does."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "hpc_ckpt_1.ckpt").touch()
+
+    def record() -> str:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("config", overrides=[f"run_dir={run}"], return_hydra_config=True).hydra.output_subdir
+
+    assert record() == ".hydra"  # not under SLURM: a new run into the folder
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "pi")
+    assert record().startswith(".hydra/resumed-")
+    (run / "hpc_ckpt_1.ckpt").unlink()
+    assert record() == ".hydra"  # under SLURM, first start
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        requeued = compose("config", overrides=[f"run_dir={tmp_path / 'run'}"], return_hydra_config=True)
-    assert requeued.hydra.output_subdir.startswith(".hydra/resumed-")
+    assert record().startswith(".hydra/resumed-")
 
 
 def test_the_bundled_base_of_a_passkey_mix_is_keyed_by_the_prompt_recipe(monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import random
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -135,24 +134,6 @@ def _rows_before(path: Path, step: int) -> list[dict[str, Any]]:
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     return [{k: v for k, v in row.items() if v != ""} for row in rows if row.get("step") and int(row["step"]) < step]
-
-
-HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
-
-
-def requeued_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint Lightning saved on SLURM's signal before the job was requeued: the highest-numbered
-    run_dir/hpc_ckpt_<n>.ckpt, when this process runs under SLURM (None elsewhere, or when there is none).
-
-    Lightning would resume from it on its own; train.py passes it as resume= instead, so that the run
-    is also resumed as one (earlier metrics rows kept, the checkpoint checked first).
-    """
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    if not SLURMEnvironment.detect() or not run_dir.is_dir():
-        return None
-    found = [(int(match.group(1)), path) for path in run_dir.iterdir() if (match := HPC_CHECKPOINT.fullmatch(path.name))]
-    return max(found)[1] if found else None
 
 
 def checkpoint_step(path: str | Path) -> int | None:

@@ -8,6 +8,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from .slurm import is_requeued_run
+
 
 def nearest_existing(path: Path) -> Path:
     """`path` itself if it exists, else its nearest ancestor that does."""
@@ -33,14 +35,12 @@ def _run_dir_or(run_dir: Any, default: Any) -> Any:
     return run_dir
 
 
-def _hydra_record(resume: Any, stamp: Any) -> str:
-    """`${hydra_record:${resume},${now:...}}`, Hydra's output_subdir: .hydra, or .hydra/resumed-<stamp> for a
-    resume, which writes into the interrupted run's folder and would otherwise replace its config and overrides.
-    A job SLURM requeued (SLURM_RESTART_COUNT > 0) is a resume too: it goes on from Lightning's hpc checkpoint."""
-    requeued = os.environ.get("SLURM_RESTART_COUNT", "0").strip()
-    if resume is None and not (requeued.isdigit() and int(requeued) > 0):
-        return ".hydra"
-    return f".hydra/resumed-{stamp}"
+def _hydra_record(resume: Any, stamp: Any, run_dir: Any = None) -> str:
+    """`${hydra_record:${resume},${now:...},${run_dir}}`, Hydra's output_subdir: .hydra, or .hydra/resumed-<stamp>
+    for a resume, which writes into the interrupted run's folder and would otherwise replace its config and
+    overrides. A job SLURM requeued into run_dir is a resume too (training/slurm.py)."""
+    requeued = run_dir is not None and is_requeued_run(Path(str(run_dir)).expanduser())
+    return ".hydra" if resume is None and not requeued else f".hydra/resumed-{stamp}"
 
 
 def register() -> None:

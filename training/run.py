@@ -32,9 +32,10 @@ from model.checkpoints import (PROJECT_KEY, CheckpointError, Pretrained, atomic_
 from .callbacks import Throughput, measured_matmul_peak
 from .config import PROJECT_TRAINER_KEYS, ConfigError, check_window_fits, checkpoint_metadata, kind_and_scale, model_args_from_config, validate
 from .distributed import build_strategy
-from .faults import FaultTolerance, NonFiniteLossError, ResumingCSVLogger, checkpoint_step, requeued_checkpoint
+from .faults import FaultTolerance, NonFiniteLossError, ResumingCSVLogger, checkpoint_step
 from .memory import AtomicCheckpointIO, apply_activation_checkpointing, compile_blocks
 from .module import CausalLMTask
+from .slurm import requeue_checkpoint
 
 log = logging.getLogger("train")
 # Lightning checks for a stateful DataLoader; the data position here lives in the DataModule's
@@ -53,11 +54,11 @@ class RunResult:
 
 def train(cfg: DictConfig) -> RunResult:
     """Pretrain (stage=pretrain) or extend the window of (stage=finetune) a model, as `cfg` says."""
-    if cfg.resume is None:
-        requeued = requeued_checkpoint(_run_dir_path(cfg))
-        if requeued is not None:
-            log.warning("resuming from %s, the checkpoint Lightning saved before SLURM requeued this job", requeued)
-            cfg.resume = str(requeued)
+    given = Path(str(cfg.resume)).expanduser() if cfg.resume is not None else None
+    chosen = requeue_checkpoint(_run_dir_path(cfg), given, checkpoint_step)
+    if chosen != given:
+        log.warning("SLURM requeued this job: resuming from %s, the newest checkpoint of the run", chosen)
+        cfg.resume = str(chosen)
     stage = validate(cfg)
     run_dir = _run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
