@@ -78,6 +78,7 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: 
                  attention: dict[str, Any], timings: dict[str, float], ablation: dict[str, Any] | None = None) -> Path:
     """`inside`: the evaluation of run.inside_window_variants (passkey at window L, perplexity at L)."""
     from evaluation import report as tables
+    from evaluation.callback import default_document_cut
     from evaluation.run import stride_text
     from model.checkpoints import atomic_directory
     from reproduction import report
@@ -182,7 +183,7 @@ with that scaling at scale {cfg.scale}.{_early_stopping_text(run)}
 
 ## Table 3 analog: by fine-tuning step
 
-Validation plays ({budget['eval_documents']} documents, first 4096 tokens each; the same stride rule), passkey with
+Validation plays ({budget['eval_documents']} documents, first {default_document_cut(windows)} tokens each; the same stride rule), passkey with
 {budget['eval_passkey_trials']} trials at each of 8 distances up to L'. Step 0 is the base read with the run's encoding.
 The paper: {report.PAPER_BY_STEP}
 
@@ -231,12 +232,14 @@ Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not
 
 def _base_by_step_text(run: Any, budget: dict[str, Any]) -> str:
     """The base's pretraining curve at L (perplexity and passkey k_max by step), where the budget evaluated it."""
+    from evaluation.callback import default_document_cut
     from reproduction import report
 
     rows = run.base_by_step()
     if rows is None:
         return ""
-    return (f"## The base by pretraining step\n\nValidation plays ({budget['eval_documents']} documents, first 4096 tokens "
+    return (f"## The base by pretraining step\n\nValidation plays ({budget['eval_documents']} documents, first "
+            f"{default_document_cut([run.window])} tokens "
             f"each) at L = {run.window}, passkey with {budget['eval_passkey_trials']} trials at each of 8 distances up to L, "
             f"every {budget['pretrain_eval_every_n_steps']} steps: when the base learns to retrieve, and whether its "
             "perplexity has stopped falling before the last step.\n\n"
@@ -302,7 +305,8 @@ def _reused_text(run: Any) -> str:
     if not stages and not evaluations:
         return ""
     return (f"; {stages} of {len(run.stages)} stages and {evaluations} of {len(run.evaluations)} evaluations"
-            " were reused from earlier runs with the same settings, their times counted as they ran then")
+            " were reused from earlier runs with the same settings (stages: the same composed training config and"
+            " data, not compared on the training code), their times counted as they ran then")
 
 
 def _command(budget: dict[str, Any]) -> str:

@@ -272,10 +272,13 @@ class Reproduction:
 
     def _inputs(self, stage: Stage) -> dict[str, str]:
         """What a stage depends on beyond its overrides: a fine-tune on the base run (a new base makes it
-        stale), and every stage on the training data (same settings over new data, e.g. a new passkey recipe)."""
+        stale), every stage on the training data (same settings over new data, e.g. a new passkey recipe) and
+        on what its overrides compose to (an edited conf/optim/adamw.yaml or model shape, not only another
+        override). The training code is not compared: retraining after every edit would cost far more."""
         inputs = {name: self._fingerprint(name) for name in self.stages
                   if name != stage.name and f"init={self.checkpoint(name)}" in stage.overrides}
         inputs["data"] = self.data_key()
+        inputs["config"] = composed_settings_digest(stage.overrides)
         return inputs
 
     def _reuse(self, stage: Stage) -> bool:
@@ -694,6 +697,16 @@ class Reproduction:
 # The packages an evaluation's numbers come from: the evaluators, the model and its position encodings
 # (a no-fine-tuning row is the base read with one of them), and the data (documents, passkey prompts).
 EVALUATION_PACKAGES = ("evaluation", "model", "data")
+
+
+def composed_settings_digest(overrides: Sequence[str]) -> str:
+    """A digest of the training config `overrides` compose to, every group's content resolved; the run folder,
+    resume= and where the caches live are left out (they change no number)."""
+    cfg = OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=True)
+    for key in ("run_dir", "resume"):
+        cfg.pop(key, None)
+    cfg.get("data", {}).pop("cache_dir", None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
 
 
 def evaluation_code() -> str:

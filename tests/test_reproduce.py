@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 import subprocess
@@ -338,25 +339,35 @@ def test_a_finished_stage_is_reused_until_its_settings_or_its_base_change(tmp_pa
         trained.append(run_dir.name)
 
     monkeypatch.setattr(training.run, "train", fake_train)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        def stages(*overrides: str) -> None:
+
+    def stages(*overrides: str, conf: Path = REPO / "conf") -> None:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             run = Reproduction(compose(config_name="reproduce", overrides=["budget=mini", f"work_dir={tmp_path}", *overrides]))
             run.pretrain()
             run.finetune("pi", "PI", "pi", 4, 2)
 
-        stages()
-        stages()  # nothing changed: both reused
-        assert trained == ["base", "pi"]
-        stages("budget.finetune_lr=0.001")  # the fine-tune's settings changed: only it runs again
-        assert trained == ["base", "pi", "pi"]
-        stages("budget.pretrain_steps=31")  # a new base: the fine-tune built on the old one is stale
-        assert trained == ["base", "pi", "pi", "base", "pi"]
-        stages("budget.pretrain_steps=31", "reuse=false")
-        assert trained[-2:] == ["base", "pi"] and len(trained) == 7
-        # Same settings over new training data (a new passkey recipe changes the token cache): all stale.
-        monkeypatch.setattr("data.datamodule.PASSKEY_RECIPE", -1)
-        stages("budget.pretrain_steps=31")
-        assert trained[-2:] == ["base", "pi"] and len(trained) == 9
+    stages()
+    stages()  # nothing changed: both reused
+    assert trained == ["base", "pi"]
+    stages("budget.finetune_lr=0.001")  # the fine-tune's settings changed: only it runs again
+    assert trained == ["base", "pi", "pi"]
+    stages("budget.pretrain_steps=31")  # a new base: the fine-tune built on the old one is stale
+    assert trained == ["base", "pi", "pi", "base", "pi"]
+    stages("budget.pretrain_steps=31", "reuse=false")
+    assert trained[-2:] == ["base", "pi"] and len(trained) == 7
+    # Same settings over new training data (a new passkey recipe changes the token cache): all stale.
+    monkeypatch.setattr("data.datamodule.PASSKEY_RECIPE", -1)
+    stages("budget.pretrain_steps=31")
+    assert trained[-2:] == ["base", "pi"] and len(trained) == 9
+    # The same overrides over an edited config group (AdamW's betas): what they compose to changed, all stale.
+    edited = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", edited)
+    optim = edited / "optim" / "adamw.yaml"
+    optim.write_text(optim.read_text().replace("betas: [0.9, 0.95]", "betas: [0.9, 0.99]"))
+    stages("budget.pretrain_steps=31", conf=edited)
+    assert trained[-2:] == ["base", "pi"] and len(trained) == 11
+    stages("budget.pretrain_steps=31", conf=edited)
+    assert len(trained) == 11  # and reused from then on
 
 
 # Stands in for `python train.py OVERRIDES run_dir=DIR` in a stage's own process: writes what the pipeline reads
