@@ -242,6 +242,7 @@ def _load_hf(
                 f"Hugging Face dataset {hf_name!r} split {split!r} has no {text_field!r} column "
                 f"(found {columns}); set data.text_field"
             )
+
     def own_texts(split: str) -> list[str]:
         return [t for t in ds[split][text_field] if t and t.strip()]
 
