@@ -22,13 +22,15 @@
 # for its stages and first evaluation alone), more than one call's 600 s. It now pretrains half as long, no
 # stage uses activation checkpointing, and the four fine-tunes (401 s one after the other then) train side by
 # side, one train.py process each (budget.parallel_stages; their output comes back as runs/STAGE/process.log),
-# while reproduce.py evaluates the base and then each fine-tune as it ends; it may fit. When a call is cut,
+# while reproduce.py evaluates the base and then each fine-tune as it ends. At commit a6a68fa it fit: on an H200
+# (2026-11-28) `bash bench/run_gpu.sh ops reproduce` took 230 s in one call, 3.2 min of it the reproduction
+# (results/gpu-h200-2026-11-28-reproduce). When a call is cut,
 # make the same call again at once, while the machine is warm (it is released after 30 s idle): the second call reuses
 # the finished stages and evaluations, continues a stage cut midway from its last checkpoint (every 100
 # steps; an evaluation cut midway starts over) and uses the wheels the first call installed.
 # The step `ops` (bench/ops_per_step.py, about 20 s) measures what turning checkpointing off saves:
 # `bash bench/run_gpu.sh ops reproduce`. Then, here
-# (a new folder: results/reproduction-gpu holds the committed H100 report that README cites):
+# (a new folder for each run; README cites each committed report):
 #   r=$(mktemp -d) && tar xzf FILES_AT/reproduction-gpu.tgz -C "$r" && cp -r "$r/report" results/gpu-CARD-DATE-reproduce
 #
 # The whole script keeps within RUN_GPU_BUDGET_S (default 575 s, under the device tool's 600 s limit):
