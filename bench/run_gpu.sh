@@ -23,8 +23,8 @@
 # stage uses activation checkpointing, and the four fine-tunes (401 s one after the other then) train side by
 # side, one train.py process each (budget.parallel_stages; their output comes back as runs/STAGE/process.log),
 # while reproduce.py evaluates the base and then each fine-tune as it ends. At commit a6a68fa it fit: on an H200
-# (2026-11-28) `bash bench/run_gpu.sh ops reproduce` took 230 s in one call, 3.2 min of it the reproduction
-# (results/gpu-h200-2026-11-28-reproduce). When a call is cut,
+# (2026-11-28) `bash bench/run_gpu.sh ops reproduce` took 230 s in one call by the device tool's clock, about
+# 3.5 min of it the reproduce step (results/gpu-h200-2026-11-28-reproduce). When a call is cut,
 # make the same call again at once, while the machine is warm (it is released after 30 s idle): the second call reuses
 # the finished stages and evaluations, continues a stage cut midway from its last checkpoint (every 100
 # steps; an evaluation cut midway starts over) and uses the wheels the first call installed.
