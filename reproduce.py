@@ -97,6 +97,9 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: 
         base_k_max_at_window=base_passkey["k_max"], base_largest_k_at_window=base_passkey["distances"][-1],
     )
     claims = judge_all(numbers)
+    # The ratios claims 3 and 5 are judged on, for the bootstrap over the test text under the claims.
+    comparisons = [report.Comparison(3, pi, name, long_window) for name in (ft, ft_long)]
+    comparisons.append(report.Comparison(5, pi, numbers.base, L))
     pi_long = stages["pi_long"].title
     by_step = {pi: run.by_step("pi"), ft: run.by_step("ft"), ft_long: run.by_step("ft_long"), pi_long: run.by_step("pi_long")}
     corpus = run.train_tokens()
@@ -165,7 +168,7 @@ The train split holds {corpus / 1e6:.2f}M tokens; "tokens (passes)" counts what 
 
 {_at_once_text(run)}## Claims
 
-{report.claims_section(claims)}
+{report.claims_section(claims)}{report.sampling_text(extensions["ppl"], comparisons, L, cfg.seed)}
 
 ## Overfitting check
 

@@ -31,6 +31,9 @@ from evaluation.errors import EvaluationError
 
 # Scored positions (over the whole batch) whose logits exist at once.
 LOGIT_CHUNK_TOKENS = 8192
+# Scored tokens per bootstrap block (evaluation/uncertainty.py): long enough that neighbouring blocks' losses
+# are close to independent, short enough that a few documents still give tens of blocks.
+BLOCK_TOKENS = 4096
 
 
 class Scorer(Protocol):
@@ -114,6 +117,9 @@ class PerplexityResult:
     tokens: int
     documents: int
     per_document: list[dict[str, float]] = field(default_factory=list)
+    # nll and token count of each block of about BLOCK_TOKENS consecutive scored tokens of one document, in
+    # document order: the same blocks for any model read with the same documents, window and stride.
+    blocks: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -138,6 +144,7 @@ class PerplexityResult:
             "tokens": self.tokens,
             "documents": self.documents,
             "per_document": self.per_document,
+            "blocks": self.blocks,
         }
 
 
@@ -190,11 +197,17 @@ def sliding_window_perplexity(
     docs = [torch.as_tensor(np.asarray(d, dtype=np.int64)) for d in documents]
     # Windows of the same shape from any document run as one batch.
     groups: dict[tuple[int, int], list[tuple[int, Span]]] = defaultdict(list)
+    # A window's scored tokens count in the block where they start; every window scores tokens 1..n-1 of its
+    # document once, so the blocks depend on the documents alone, up to one stride at their edges.
+    block_of: dict[tuple[int, int], int] = {}
     for index, doc in enumerate(docs):
         for span in sliding_spans(len(doc), window, stride):
             groups[(span.end - span.start, span.score_from - span.start)].append((index, span))
+            block_of.setdefault((index, span.score_from // BLOCK_TOKENS), len(block_of))
     nll = np.zeros(len(docs), dtype=np.float64)
     counts = np.zeros(len(docs), dtype=np.int64)
+    block_nll = np.zeros(len(block_of), dtype=np.float64)
+    block_counts = np.zeros(len(block_of), dtype=np.int64)
     batches = [(length, offset, members[first : first + batch_size])
                for (length, offset), members in sorted(groups.items()) for first in range(0, len(members), batch_size)]
     for length, offset, batch in batches[rank::ranks]:
@@ -212,6 +225,9 @@ def sliding_window_perplexity(
         for (i, span), value in zip(batch, per_window):
             nll[i] += value
             counts[i] += span.n_scored
+            block = block_of[(i, span.score_from // BLOCK_TOKENS)]
+            block_nll[block] += value
+            block_counts[block] += span.n_scored
     per_document = [
         {"tokens": int(n), "nll": float(s), "ppl": math.exp(min(s / n, 700)) if n else math.nan} for s, n in zip(nll, counts)
     ]
@@ -222,6 +238,7 @@ def sliding_window_perplexity(
         tokens=int(counts.sum()),
         documents=len(docs),
         per_document=per_document,
+        blocks={"nll": block_nll.tolist(), "tokens": block_counts.tolist()},
     )
 
 

@@ -104,6 +104,16 @@ def ppl_markdown(windows: Sequence[int], table: Mapping[str, Mapping[int, float]
     return markdown_table(["model", *map(str, windows)], rows)
 
 
+def interval_markdown(windows: Sequence[int], records: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str:
+    """Each perplexity's 95% bootstrap interval over the text read ("-" where a record has none)."""
+    def cell(record: Mapping[str, Any] | None) -> str:
+        interval = (record or {}).get("ci95")
+        return f"{format_ppl(interval[0])}-{format_ppl(interval[1])}" if interval else "-"
+
+    rows = [[name, *(cell(by_window.get(w)) for w in windows)] for name, by_window in records.items()]
+    return markdown_table(["model", *map(str, windows)], rows)
+
+
 def by_step_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The paper's "by fine-tuning step" layout: one row per step, a column per metric."""
     if not rows:

@@ -30,7 +30,8 @@ from evaluation.errors import EvaluationError
 from evaluation.generation import generate
 from evaluation.limits import check_window, extended_window, meant_window, readable_length
 from evaluation.passkey import plan_passkey, run_passkey
-from evaluation.perplexity import prepare_documents, sliding_window_perplexity, window_stride
+from evaluation.perplexity import BLOCK_TOKENS, prepare_documents, sliding_window_perplexity, window_stride
+from evaluation.uncertainty import ppl_interval
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,9 @@ class Collected:
             text = report.ppl_markdown(windows, table)
             stride = stride_text(cfg.ppl)
             markdown.append(f"## Perplexity (sliding window, stride {stride}, {cfg.split} split)\n\n{text}")
+            markdown.append("How much the perplexities owe to the text read: 95% intervals of a bootstrap over blocks of "
+                            f"about {BLOCK_TOKENS} consecutive scored tokens (evaluation/uncertainty.py; another training "
+                            "seed is not part of it).\n\n" + report.interval_markdown(windows, self.ppl))
             if report.plot_perplexity(out / "ppl.png", windows, table, stride):
                 self.figures.append("ppl.png")
             print(text)
@@ -389,7 +393,7 @@ def _ppl(cfg: DictConfig, variant: Variant, model: Llama, documents: list[np.nda
                         len(docs), window, window)
         stride = window_stride(int(p.stride), window, p.max_stride_fraction)
         result = sliding_window_perplexity(model, docs, window, stride, p.batch_size, device)
-        by_window[window] = result.to_dict()
+        by_window[window] = {**result.to_dict(), "ci95": ppl_interval(result.blocks, seed=cfg.seed)}
         log.info("%s: window %d ppl %.3f over %d tokens", variant.name, window, result.ppl, result.tokens)
     collected.ppl[variant.name] = by_window
 

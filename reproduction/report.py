@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluation import report as tables  # noqa: E402
 from evaluation.attention import pair_medians  # noqa: E402
+from evaluation.perplexity import BLOCK_TOKENS  # noqa: E402
+from evaluation.uncertainty import blocks_of, ppl_ratio  # noqa: E402
 from reproduction.claims import Claim, multiple  # noqa: E402
 
 # The paper's numbers (LLaMA 7B, L = 2048, PG-19, stride 256), by window as a multiple of L.
@@ -323,6 +325,38 @@ def claims_section(claims: Sequence[Claim]) -> str:
             "diverges (the overfitting check below) loses claim 3's comparison for that reason, not only for "
             "extrapolating; claim 5 compares PI with the base it was fine-tuned from, so more training alone can "
             "pass it.")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A perplexity ratio a claim's verdict rests on: ppl(a) / ppl(b) at one window."""
+
+    claim: int
+    a: str
+    b: str
+    window: int
+
+
+def sampling_text(records: Mapping[str, Mapping[int, Mapping[str, Any]]], comparisons: Sequence[Comparison],
+                  base_window: int, seed: int) -> str:
+    """The claims' perplexity ratios with paired bootstrap intervals over the test text ("" when the
+    evaluations kept no blocks, as before they did)."""
+    parts = []
+    for c in comparisons:
+        a, b = (blocks_of(records.get(name, {}).get(c.window)) for name in (c.a, c.b))
+        ratio = ppl_ratio(a, b, seed=seed) if a and b else None
+        if ratio is not None:
+            value, (low, high) = ratio
+            parts.append(f"claim {c.claim}, at {multiple(c.window, base_window)}: {c.a} / {c.b} = {value:.3f} "
+                         f"(95%: {low:.3f} to {high:.3f})")
+    if not parts:
+        return ""
+    return ("\n\nHow much the test text decides the ratios behind claims 3 and 5: each with a 95% interval from a "
+            f"paired bootstrap over blocks of about {BLOCK_TOKENS} consecutive scored tokens of the test plays "
+            "(both models read on the same resampled blocks; evaluation/uncertainty.py). A ratio whose interval holds "
+            "its threshold (claim 3: 1; claim 5: 1.05 and 1.15) could be judged the other way on other text from "
+            "the same source. Another training seed is not part of these intervals.\n\n"
+            + "\n".join(f"- {part}" for part in parts))
 
 
 def plot_by_step(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], long_window: int) -> None:

@@ -29,6 +29,7 @@ from evaluation import (
     window_stride,
 )
 from evaluation import passkey as passkey_module
+from evaluation import perplexity as perplexity_module
 from evaluation.attention import analyse_coefficients, inverse_frequencies, scores
 from evaluation.passkey import FILLER, INSTRUCTION, KEY_LINE, QUESTION, greedy_continuations, is_retrieved
 from evaluation.perplexity import float32_logits, prepare_documents
@@ -112,6 +113,34 @@ def test_shards_of_the_windows_add_up_to_the_whole_reading():
         assert sum(shard.per_document[d]["tokens"] for shard in shards) == per_doc["tokens"]
     with pytest.raises(ValueError, match=r"shard=\(3, 3\) must be \(rank, ranks\)"):
         sliding_window_perplexity(model, docs, 16, 4, shard=(3, 3))
+
+
+def test_blocks_are_runs_of_scored_tokens_the_same_for_any_model_and_add_up(monkeypatch):
+    """The bootstrap's blocks (evaluation/uncertainty.py): each window's scored tokens count in the block of its
+    document where they start, the blocks add up to each document and to the whole, every model read with the same
+    documents, window and stride has the same blocks, and DDP's shards add up to them."""
+    monkeypatch.setattr(perplexity_module, "BLOCK_TOKENS", 20)
+    docs = _documents([70, 9, 33, 2, 41])
+    model = tiny_model()
+    rope = sliding_window_perplexity(model, docs, 16, 4, batch_size=3)
+    expected: dict[tuple[int, int], int] = {}
+    for d, doc in enumerate(docs):
+        for span in sliding_spans(len(doc), 16, 4):
+            key = (d, span.score_from // 20)
+            expected[key] = expected.get(key, 0) + span.n_scored
+    assert rope.blocks["tokens"] == list(expected.values())  # in document order; doc 3 (2 tokens) has one block
+    assert len(rope.blocks["tokens"]) == 4 + 1 + 2 + 1 + 3
+    assert sum(rope.blocks["tokens"]) == rope.tokens and sum(rope.blocks["nll"]) == pytest.approx(rope.nll, rel=1e-12)
+    first = 0
+    for d, per_doc in enumerate(rope.per_document):
+        count = sum(1 for doc, _ in expected if doc == d)
+        assert sum(rope.blocks["nll"][first : first + count]) == pytest.approx(per_doc["nll"], rel=1e-12)
+        first += count
+    pi = sliding_window_perplexity(tiny_model({"kind": "pi", "scale": 4.0}), docs, 16, 4, batch_size=2)
+    assert pi.blocks["tokens"] == rope.blocks["tokens"] and pi.blocks["nll"] != rope.blocks["nll"]
+    shards = [sliding_window_perplexity(model, docs, 16, 4, batch_size=3, shard=(rank, 2)) for rank in range(2)]
+    assert [a + b for a, b in zip(*(s.blocks["tokens"] for s in shards))] == rope.blocks["tokens"]
+    assert [a + b for a, b in zip(*(s.blocks["nll"] for s in shards))] == pytest.approx(rope.blocks["nll"], rel=1e-12)
 
 
 def test_passkey_shards_are_the_whole_grids_rows(tokenizer):

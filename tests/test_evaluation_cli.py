@@ -125,8 +125,14 @@ def test_evaluate_end_to_end_writes_json_markdown_and_plots(project, tmp_path):
     assert list(results["attention"]["fits"]) == ["fit d=16 L=32 c=10000"]  # one fit per model shape, not per row
     assert results["attention"]["query_key"]["pi4"]["interpolation_bound_holds"] == 1.0
     assert set(results["generate"]) == set(names)
+    for by_window in results["ppl"].values():  # the bootstrap's blocks and each perplexity's interval
+        for record in by_window.values():
+            assert sum(record["blocks"]["tokens"]) == record["tokens"] and len(record["blocks"]["nll"]) >= 2
+            low, high = record["ci95"]
+            assert low <= record["ppl"] <= high
     markdown = (out / "results.md").read_text()
     assert "| model | 16 | 32 | 64 |" in markdown and "| base-read-with-pi4 |" in markdown
+    assert "How much the perplexities owe to the text read: 95% intervals" in markdown
     assert "| max \\|h_j\\| |" in markdown  # pipes inside cells are escaped
     for figure in results["figures"]:
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -155,6 +161,7 @@ def test_a_model_that_broke_down_still_gets_its_numbers_written(project, tmp_pat
     assert written["ppl_table"]["nan"] == {"16": None, "32": None} and "ppl.png" not in written["figures"]
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| nan | nan | nan |" in markdown and "| huge | inf | inf |" in markdown
+    assert "| nan | - | - |" in markdown and "| huge | inf-inf | inf-inf |" in markdown  # no interval for a NaN loss
     assert not (tmp_path / "out" / "ppl.png").exists()
     read = read_results(tmp_path / "out" / "results.json")
     assert all(math.isnan(v) for v in read["ppl_table"]["nan"].values()) and math.isnan(read["ppl"]["nan"][16]["ppl"])
