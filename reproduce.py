@@ -100,6 +100,7 @@ def write_report(cfg: DictConfig, run: Any, extensions: dict[str, Any], inside: 
     # The ratios claims 3 and 5 are judged on, for the bootstrap over the test text under the claims.
     comparisons = [report.Comparison(3, pi, name, long_window) for name in (ft, ft_long)]
     comparisons.append(report.Comparison(5, pi, numbers.base, L))
+    sampling = report.sampling_ratios(extensions["ppl"], comparisons, cfg.seed)
     pi_long = stages["pi_long"].title
     by_step = {pi: run.by_step("pi"), ft: run.by_step("ft"), ft_long: run.by_step("ft_long"), pi_long: run.by_step("pi_long")}
     corpus = run.train_tokens()
@@ -168,7 +169,7 @@ The train split holds {corpus / 1e6:.2f}M tokens; "tokens (passes)" counts what 
 
 {_at_once_text(run)}## Claims
 
-{report.claims_section(claims)}{report.sampling_text(extensions["ppl"], comparisons, L, cfg.seed)}
+{report.claims_section(claims)}{report.sampling_text(sampling, L)}
 
 ## Overfitting check
 
@@ -224,7 +225,7 @@ Raw numbers: `results.json`. Checkpoints and per-run logs: `{cfg.work_dir}` (not
             "timings_s": timings, "stages": {s.name: {"title": s.title, "command": s.command, "summary": _relative(s.summary)}
                                              for s in stages.values()},
             "ppl": ppl, "passkey": extensions["passkey"], "passkey_base_at_L": base_passkey, "passkey_inside_L": inside["passkey"], "ppl_inside_L": inside["ppl_table"], "by_step": by_step,
-            "attention": attention["attention"], "claims": [c.__dict__ for c in claims],
+            "attention": attention["attention"], "claims": [c.__dict__ for c in claims], "claims_sampling": sampling,
             "fit": [f.__dict__ for f in fits], "base_by_step": run.base_by_step(),
             **({"ablation_long_passkey": ablation_json} if ablation_json is not None else {}),
         })

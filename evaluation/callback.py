@@ -129,7 +129,7 @@ class ExtensionEvalCallback(Callback):
             check_window(model, window, f"the callback's ppl window {window}")
             stride = window_stride(self.stride, window, self.max_stride_fraction)
             result = sliding_window_perplexity(model, self._documents, window, stride, self.batch_size, shard=shard)
-            if divided:
+            if divided:  # the totals only: the row reads nothing else (per_document and blocks stay this rank's share)
                 result.nll, tokens = ranks.sum([result.nll, float(result.tokens)])
                 result.tokens = int(round(tokens))
             row[f"ppl_{window}"] = result.ppl

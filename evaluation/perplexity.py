@@ -15,6 +15,7 @@ stride at a fraction of the window (1/8 by default) to keep the paper's least co
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -31,8 +32,8 @@ from evaluation.errors import EvaluationError
 
 # Scored positions (over the whole batch) whose logits exist at once.
 LOGIT_CHUNK_TOKENS = 8192
-# Scored tokens per bootstrap block (evaluation/uncertainty.py): long enough that neighbouring blocks' losses
-# are close to independent, short enough that a few documents still give tens of blocks.
+# Document positions per bootstrap block (evaluation/uncertainty.py): long enough that neighbouring blocks'
+# losses are close to independent, short enough that a few documents still give tens of blocks.
 BLOCK_TOKENS = 4096
 
 
@@ -117,9 +118,10 @@ class PerplexityResult:
     tokens: int
     documents: int
     per_document: list[dict[str, float]] = field(default_factory=list)
-    # nll and token count of each block of about BLOCK_TOKENS consecutive scored tokens of one document, in
-    # document order: the same blocks for any model read with the same documents, window and stride.
-    blocks: dict[str, list[float]] = field(default_factory=dict)
+    # nll and token count of each block of BLOCK_TOKENS consecutive positions of one document (its last one
+    # shorter), in document order, and the documents' fingerprint: the same blocks for any model, window and
+    # stride on the same documents. Like per_document, a shard's are its share.
+    blocks: dict[str, object] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -186,7 +188,7 @@ def sliding_window_perplexity(
     """Perplexity of `model` on `documents` (token ids each) with the sliding-window protocol.
 
     shard=(rank, ranks) reads every ranks-th batch of windows, from the rank-th on: the shards' nll and token
-    counts (per document too), summed over the ranks, are the whole result's, with the same batches.
+    counts (per document and per block too), summed over the ranks, are the whole result's, with the same batches.
     """
     if batch_size < 1:
         raise EvaluationError(f"ppl.batch_size={batch_size} must be at least 1.")
@@ -197,22 +199,23 @@ def sliding_window_perplexity(
     docs = [torch.as_tensor(np.asarray(d, dtype=np.int64)) for d in documents]
     # Windows of the same shape from any document run as one batch.
     groups: dict[tuple[int, int], list[tuple[int, Span]]] = defaultdict(list)
-    # A window's scored tokens count in the block where they start; every window scores tokens 1..n-1 of its
-    # document once, so the blocks depend on the documents alone, up to one stride at their edges.
-    block_of: dict[tuple[int, int], int] = {}
     for index, doc in enumerate(docs):
         for span in sliding_spans(len(doc), window, stride):
             groups[(span.end - span.start, span.score_from - span.start)].append((index, span))
-            block_of.setdefault((index, span.score_from // BLOCK_TOKENS), len(block_of))
+    # Every window scores tokens 1..n-1 of its document once, so blocks of those positions are the same token
+    # ranges at any window and stride: block b of a document holds its tokens 1 + b * BLOCK_TOKENS onwards.
+    first_block = np.cumsum([0] + [-(-(len(doc) - 1) // BLOCK_TOKENS) if len(doc) > 1 else 0 for doc in docs])
     nll = np.zeros(len(docs), dtype=np.float64)
     counts = np.zeros(len(docs), dtype=np.int64)
-    block_nll = np.zeros(len(block_of), dtype=np.float64)
-    block_counts = np.zeros(len(block_of), dtype=np.int64)
+    block_nll = np.zeros(int(first_block[-1]), dtype=np.float64)
+    block_counts = np.zeros(int(first_block[-1]), dtype=np.int64)
     batches = [(length, offset, members[first : first + batch_size])
                for (length, offset), members in sorted(groups.items()) for first in range(0, len(members), batch_size)]
     for length, offset, batch in batches[rank::ranks]:
         tokens = torch.stack([docs[i][s.start : s.end] for i, s in batch]).to(device)  # (b, length)
         hidden = model.hidden_states(tokens)
+        starts = np.array([s.start for _, s in batch])[:, None]
+        block_base = first_block[[i for i, _ in batch]][:, None]
         per_window = np.zeros(len(batch), dtype=np.float64)
         chunk = max(1, LOGIT_CHUNK_TOKENS // len(batch))
         for first_scored in range(offset, length, chunk):
@@ -221,13 +224,15 @@ def sliding_window_perplexity(
             logits = float32_logits(model, hidden[:, first_scored - 1 : last_scored - 1])  # (b, n, vocab)
             targets = tokens[:, first_scored:last_scored]
             losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-            per_window += losses.view(len(batch), -1).sum(-1).double().cpu().numpy()
+            token_losses = losses.view(len(batch), -1).double().cpu().numpy()  # (b, n): b x n <= LOGIT_CHUNK_TOKENS
+            per_window += token_losses.sum(-1)
+            # Each target's document position, and the block it falls in.
+            blocks = block_base + (starts + np.arange(first_scored, last_scored) - 1) // BLOCK_TOKENS
+            block_nll += np.bincount(blocks.ravel(), weights=token_losses.ravel(), minlength=len(block_nll))
+            block_counts += np.bincount(blocks.ravel(), minlength=len(block_counts))
         for (i, span), value in zip(batch, per_window):
             nll[i] += value
             counts[i] += span.n_scored
-            block = block_of[(i, span.score_from // BLOCK_TOKENS)]
-            block_nll[block] += value
-            block_counts[block] += span.n_scored
     per_document = [
         {"tokens": int(n), "nll": float(s), "ppl": math.exp(min(s / n, 700)) if n else math.nan} for s, n in zip(nll, counts)
     ]
@@ -238,8 +243,17 @@ def sliding_window_perplexity(
         tokens=int(counts.sum()),
         documents=len(docs),
         per_document=per_document,
-        blocks={"nll": block_nll.tolist(), "tokens": block_counts.tolist()},
+        blocks={"documents": documents_fingerprint(docs), "nll": block_nll.tolist(), "tokens": block_counts.tolist()},
     )
+
+
+def documents_fingerprint(docs: Sequence[Tensor]) -> str:
+    """A digest of the documents' token ids: two results pair block by block only when it is the same."""
+    digest = hashlib.blake2b(digest_size=8)
+    for doc in docs:
+        digest.update(len(doc).to_bytes(8, "little"))
+        digest.update(doc.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _device_of(model: object) -> torch.device:

@@ -105,10 +105,11 @@ def ppl_markdown(windows: Sequence[int], table: Mapping[str, Mapping[int, float]
 
 
 def interval_markdown(windows: Sequence[int], records: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str:
-    """Each perplexity's 95% bootstrap interval over the text read ("-" where a record has none)."""
+    """Each perplexity's 95% bootstrap interval over the passages read ("-" where it has none: too few blocks,
+    a loss that is not finite)."""
     def cell(record: Mapping[str, Any] | None) -> str:
         interval = (record or {}).get("ci95")
-        return f"{format_ppl(interval[0])}-{format_ppl(interval[1])}" if interval else "-"
+        return f"{format_ppl(interval[0])} to {format_ppl(interval[1])}" if interval else "-"
 
     rows = [[name, *(cell(by_window.get(w)) for w in windows)] for name, by_window in records.items()]
     return markdown_table(["model", *map(str, windows)], rows)

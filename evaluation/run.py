@@ -31,7 +31,7 @@ from evaluation.generation import generate
 from evaluation.limits import check_window, extended_window, meant_window, readable_length
 from evaluation.passkey import plan_passkey, run_passkey
 from evaluation.perplexity import BLOCK_TOKENS, prepare_documents, sliding_window_perplexity, window_stride
-from evaluation.uncertainty import ppl_interval
+from evaluation.uncertainty import MIN_BLOCKS, ppl_interval
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +282,10 @@ class Collected:
             text = report.ppl_markdown(windows, table)
             stride = stride_text(cfg.ppl)
             markdown.append(f"## Perplexity (sliding window, stride {stride}, {cfg.split} split)\n\n{text}")
-            markdown.append("How much the perplexities owe to the text read: 95% intervals of a bootstrap over blocks of "
-                            f"about {BLOCK_TOKENS} consecutive scored tokens (evaluation/uncertainty.py; another training "
-                            "seed is not part of it).\n\n" + report.interval_markdown(windows, self.ppl))
+            markdown.append("How much the perplexities owe to the passages read: 95% intervals of a bootstrap over blocks of "
+                            f"{BLOCK_TOKENS} consecutive tokens of each document (evaluation/uncertainty.py; none under "
+                            f"{MIN_BLOCKS} blocks). Other documents could move them more, and another training seed is "
+                            "not part of them.\n\n" + report.interval_markdown(windows, self.ppl))
             if report.plot_perplexity(out / "ppl.png", windows, table, stride):
                 self.figures.append("ppl.png")
             print(text)

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from evaluation import report as tables  # noqa: E402
 from evaluation.attention import pair_medians  # noqa: E402
 from evaluation.perplexity import BLOCK_TOKENS  # noqa: E402
-from evaluation.uncertainty import blocks_of, ppl_ratio  # noqa: E402
+from evaluation.uncertainty import blocks_of, pairing_problem, ppl_ratio  # noqa: E402
 from reproduction.claims import Claim, multiple  # noqa: E402
 
 # The paper's numbers (LLaMA 7B, L = 2048, PG-19, stride 256), by window as a multiple of L.
@@ -337,26 +337,46 @@ class Comparison:
     window: int
 
 
-def sampling_text(records: Mapping[str, Mapping[int, Mapping[str, Any]]], comparisons: Sequence[Comparison],
-                  base_window: int, seed: int) -> str:
-    """The claims' perplexity ratios with paired bootstrap intervals over the test text ("" when the
-    evaluations kept no blocks, as before they did)."""
-    parts = []
-    for c in comparisons:
-        a, b = (blocks_of(records.get(name, {}).get(c.window)) for name in (c.a, c.b))
-        ratio = ppl_ratio(a, b, seed=seed) if a and b else None
-        if ratio is not None:
-            value, (low, high) = ratio
-            parts.append(f"claim {c.claim}, at {multiple(c.window, base_window)}: {c.a} / {c.b} = {value:.3f} "
-                         f"(95%: {low:.3f} to {high:.3f})")
-    if not parts:
+def sampling_ratios(records: Mapping[str, Mapping[int, Mapping[str, Any]]], comparisons: Sequence[Comparison],
+                    seed: int) -> list[dict[str, Any]]:
+    """Each comparison's ratio with its paired bootstrap interval over the test text, or why it has none.
+
+    Empty when no evaluation kept its blocks (those made before they were kept), so an older report stays as it was.
+    """
+    found = [(c, *(blocks_of(records.get(name, {}).get(c.window)) for name in (c.a, c.b))) for c in comparisons]
+    if not any(a or b for _, a, b in found):
+        return []
+    rows = []
+    for c, a, b in found:
+        row: dict[str, Any] = {"claim": c.claim, "a": c.a, "b": c.b, "window": c.window}
+        problem = pairing_problem(a, b)
+        if problem is None:
+            value, (low, high) = ppl_ratio(a, b, seed=seed)
+            row.update(ratio=value, ci95=[low, high], blocks=len(a["tokens"]))
+        else:
+            row.update(ratio=None, ci95=None, problem=problem)
+        rows.append(row)
+    return rows
+
+
+def sampling_text(ratios: Sequence[Mapping[str, Any]], base_window: int) -> str:
+    """The claims' perplexity ratios with their intervals, under the claims ("" without any)."""
+    if not ratios:
         return ""
+    lines = []
+    for r in ratios:
+        what = f"claim {r['claim']}, at {multiple(r['window'], base_window)}: {r['a']} / {r['b']}"
+        if r["ratio"] is None:
+            lines.append(f"- {what}: no interval ({r['problem']})")
+        else:
+            low, high = r["ci95"]
+            lines.append(f"- {what} = {r['ratio']:.3f} (95%: {low:.3f} to {high:.3f}; {r['blocks']} blocks)")
     return ("\n\nHow much the test text decides the ratios behind claims 3 and 5: each with a 95% interval from a "
-            f"paired bootstrap over blocks of about {BLOCK_TOKENS} consecutive scored tokens of the test plays "
-            "(both models read on the same resampled blocks; evaluation/uncertainty.py). A ratio whose interval holds "
-            "its threshold (claim 3: 1; claim 5: 1.05 and 1.15) could be judged the other way on other text from "
-            "the same source. Another training seed is not part of these intervals.\n\n"
-            + "\n".join(f"- {part}" for part in parts))
+            f"paired bootstrap over blocks of {BLOCK_TOKENS} consecutive tokens of the test plays (both models read "
+            "on the same resampled blocks; evaluation/uncertainty.py). A ratio whose interval holds its threshold "
+            "(claim 3: 1; claim 5: 1.05 and 1.15) could be judged the other way on other passages of these plays. "
+            "The blocks come from a few plays, so other plays could move it more, and another training seed is not "
+            "part of these intervals.\n\n" + "\n".join(lines))
 
 
 def plot_by_step(path: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], long_window: int) -> None:

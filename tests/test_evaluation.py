@@ -115,32 +115,43 @@ def test_shards_of_the_windows_add_up_to_the_whole_reading():
         sliding_window_perplexity(model, docs, 16, 4, shard=(3, 3))
 
 
-def test_blocks_are_runs_of_scored_tokens_the_same_for_any_model_and_add_up(monkeypatch):
-    """The bootstrap's blocks (evaluation/uncertainty.py): each window's scored tokens count in the block of its
-    document where they start, the blocks add up to each document and to the whole, every model read with the same
-    documents, window and stride has the same blocks, and DDP's shards add up to them."""
+def _brute_force_losses(model, doc, window, stride):
+    """Each scored position's loss, by its own forward over the left context the protocol gives it."""
+    tokens, stride = torch.as_tensor(doc), min(stride, window - 1)
+    losses = {}
+    for p in range(1, len(tokens)):
+        start = 0 if p < window else ((p - window) // stride + 1) * stride
+        with torch.no_grad():
+            logits = model(tokens[None, start:p])[0, -1]
+        losses[p] = F.cross_entropy(logits[None].double(), tokens[p : p + 1]).item()
+    return losses
+
+
+@pytest.mark.parametrize("window, stride", [(16, 4), (48, 8)], ids=["window-below-block", "window-above-block"])
+def test_blocks_are_fixed_ranges_of_positions_the_same_at_any_window_and_add_up(monkeypatch, window, stride):
+    """The bootstrap's blocks (evaluation/uncertainty.py): block b of a document holds the losses of its
+    positions 1 + 20b .. 20(b + 1) (20 tokens a block here), whatever window and stride read them, even a window
+    longer than a block; they add up to each document and to the whole, and DDP's shards add up to them."""
     monkeypatch.setattr(perplexity_module, "BLOCK_TOKENS", 20)
-    docs = _documents([70, 9, 33, 2, 41])
+    docs = _documents([70, 9, 41, 1, 20])
     model = tiny_model()
-    rope = sliding_window_perplexity(model, docs, 16, 4, batch_size=3)
-    expected: dict[tuple[int, int], int] = {}
-    for d, doc in enumerate(docs):
-        for span in sliding_spans(len(doc), 16, 4):
-            key = (d, span.score_from // 20)
-            expected[key] = expected.get(key, 0) + span.n_scored
-    assert rope.blocks["tokens"] == list(expected.values())  # in document order; doc 3 (2 tokens) has one block
-    assert len(rope.blocks["tokens"]) == 4 + 1 + 2 + 1 + 3
-    assert sum(rope.blocks["tokens"]) == rope.tokens and sum(rope.blocks["nll"]) == pytest.approx(rope.nll, rel=1e-12)
-    first = 0
-    for d, per_doc in enumerate(rope.per_document):
-        count = sum(1 for doc, _ in expected if doc == d)
-        assert sum(rope.blocks["nll"][first : first + count]) == pytest.approx(per_doc["nll"], rel=1e-12)
-        first += count
-    pi = sliding_window_perplexity(tiny_model({"kind": "pi", "scale": 4.0}), docs, 16, 4, batch_size=2)
-    assert pi.blocks["tokens"] == rope.blocks["tokens"] and pi.blocks["nll"] != rope.blocks["nll"]
-    shards = [sliding_window_perplexity(model, docs, 16, 4, batch_size=3, shard=(rank, 2)) for rank in range(2)]
-    assert [a + b for a, b in zip(*(s.blocks["tokens"] for s in shards))] == rope.blocks["tokens"]
-    assert [a + b for a, b in zip(*(s.blocks["nll"] for s in shards))] == pytest.approx(rope.blocks["nll"], rel=1e-12)
+    result = sliding_window_perplexity(model, docs, window, stride, batch_size=3)
+    expected_nll, expected_tokens = [], []
+    for doc in docs:
+        losses = _brute_force_losses(model, doc, window, stride)
+        for first in range(1, len(doc), 20):
+            positions = range(first, min(first + 20, len(doc)))
+            expected_nll.append(sum(losses[p] for p in positions))
+            expected_tokens.append(len(positions))
+    assert result.blocks["tokens"] == expected_tokens == [20, 20, 20, 9, 8, 20, 20, 19]  # a 1-token document has none
+    assert result.blocks["nll"] == pytest.approx(expected_nll, rel=1e-5)
+    assert sum(result.blocks["nll"]) == pytest.approx(result.nll, rel=1e-12) and sum(expected_tokens) == result.tokens
+    other = sliding_window_perplexity(tiny_model({"kind": "pi", "scale": 4.0}), docs, 32, 5, batch_size=2)
+    assert other.blocks["tokens"] == result.blocks["tokens"] and other.blocks["documents"] == result.blocks["documents"]
+    assert sliding_window_perplexity(model, docs[:4], window, stride).blocks["documents"] != result.blocks["documents"]
+    shards = [sliding_window_perplexity(model, docs, window, stride, batch_size=3, shard=(rank, 2)) for rank in range(2)]
+    assert [a + b for a, b in zip(*(s.blocks["tokens"] for s in shards))] == result.blocks["tokens"]
+    assert [a + b for a, b in zip(*(s.blocks["nll"] for s in shards))] == pytest.approx(result.blocks["nll"], rel=1e-12)
 
 
 def test_passkey_shards_are_the_whole_grids_rows(tokenizer):

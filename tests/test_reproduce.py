@@ -814,10 +814,12 @@ def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
         assert section in text
     for figure in ("ppl_by_window.png", "by_step.png", "passkey.png", "figure2_fit.png", "by_step_ablation.png"):
         assert (report / figure).stat().st_size > 1000
-    # The claims' ratios with their bootstrap intervals over the test text (3 plays cut to 2048 tokens: 3 blocks).
+    # The claims' ratios and their bootstrap intervals over the test text: 3 plays cut to 2048 tokens make 3
+    # blocks, too few for an interval, and the report says so.
     assert "How much the test text decides the ratios behind claims 3 and 5" in text
-    assert "- claim 3, at 8L: PI, 4 steps / FT (direct), 8 steps = " in text
-    assert "- claim 5, at L: PI, 4 steps / RoPE (base), no fine-tuning = " in text
+    assert ("- claim 3, at 8L: PI, 4 steps / FT (direct), 8 steps: no interval (3 blocks, fewer than the 20 an "
+            "interval needs)") in text
+    assert "- claim 5, at L: PI, 4 steps / RoPE (base), no fine-tuning: no interval (3 blocks" in text
     results = json.loads((report / "results.json").read_text())
     assert len(results["claims"]) == 5 and all(c["verdict"] in (HELD, PARTLY, NOT_HELD, UNTESTABLE) for c in results["claims"])
     assert set(results["ppl"]) >= {"RoPE (base), no fine-tuning", "PI, 4 steps", "FT (direct), 8 steps", "PI, 8 steps"}

@@ -7,19 +7,19 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.uncertainty import blocks_of, ppl_interval, ppl_ratio
-from reproduction.report import Comparison, sampling_text
+from evaluation.uncertainty import MIN_BLOCKS, blocks_of, pairing_problem, ppl_interval, ppl_ratio
+from reproduction.report import Comparison, sampling_ratios, sampling_text
 
 
-def _blocks(losses, tokens=4096):
+def _blocks(losses, tokens=4096, documents="same"):
     """Blocks whose mean loss per token is `losses` (nats), each of `tokens` scored tokens."""
     counts = np.full(len(losses), tokens, dtype=np.float64)
-    return {"nll": (np.asarray(losses) * counts).tolist(), "tokens": counts.tolist()}
+    return {"documents": documents, "nll": (np.asarray(losses) * counts).tolist(), "tokens": counts.tolist()}
 
 
 def test_the_interval_holds_the_estimate_is_reproducible_and_narrows_with_more_text():
     rng = np.random.default_rng(0)
-    few, many = _blocks(rng.normal(3.5, 0.3, 10)), _blocks(rng.normal(3.5, 0.3, 1000))
+    few, many = _blocks(rng.normal(3.5, 0.3, 25)), _blocks(rng.normal(3.5, 0.3, 2500))
     for blocks in (few, many):
         point = math.exp(sum(blocks["nll"]) / sum(blocks["tokens"]))
         low, high = ppl_interval(blocks)
@@ -59,13 +59,28 @@ def test_a_paired_ratio_is_exact_for_a_uniform_shift_and_narrower_than_its_parts
     assert high - low < (b_high / a_low - b_low / a_high) / 10
 
 
-def test_no_interval_without_two_comparable_blocks_or_with_a_broken_down_model():
-    two = _blocks([3.0, 3.2])
-    assert ppl_interval(_blocks([3.0])) is None
-    assert ppl_interval({"nll": [1.0, math.inf], "tokens": [1, 1]}) is None
-    assert ppl_ratio(two, _blocks([3.0, 3.2, 3.1])) is None  # other documents, window or stride: other blocks
-    assert ppl_ratio(two, _blocks([3.0, 3.2], tokens=10)) is None
-    assert ppl_ratio(two, _blocks([3.0, 3.2])) is not None
+def test_the_interval_is_token_weighted_as_the_perplexity_is():
+    """Large easy blocks and small hard ones: the perplexity weighs blocks by their tokens, and so must every
+    resample (an unweighted mean of block losses would centre the interval on the hard blocks)."""
+    rng = np.random.default_rng(4)
+    counts = np.array([8000.0] * 15 + [500.0] * 15)
+    losses = np.array([2.0] * 15 + [5.0] * 15) + rng.normal(0, 0.05, 30)
+    blocks = {"nll": losses * counts, "tokens": counts}
+    low, high = ppl_interval(blocks)
+    weighted, unweighted = math.exp((losses * counts).sum() / counts.sum()), math.exp(losses.mean())
+    assert low < weighted < high < unweighted / 2
+
+
+def test_no_interval_without_enough_comparable_blocks_or_with_a_broken_down_model():
+    enough, fewer = _blocks(np.linspace(3.0, 3.2, MIN_BLOCKS)), _blocks(np.linspace(3.0, 3.2, MIN_BLOCKS - 1))
+    assert ppl_interval(enough) is not None and ppl_interval(fewer) is None  # a percentile bootstrap of few blocks covers far less than 95%
+    assert ppl_interval({"nll": [1.0] * 29 + [math.inf], "tokens": [1] * 30}) is None
+    assert ppl_interval(_blocks([800.0] * 30)) is None  # an overflowing perplexity has no interval worth stating
+    assert pairing_problem(enough, enough) is None and ppl_ratio(enough, enough) == (1.0, (1.0, 1.0))
+    assert pairing_problem(enough, _blocks(np.linspace(3.0, 3.2, MIN_BLOCKS), documents="other")) == "not read on the same documents"
+    assert pairing_problem(enough, _blocks(np.linspace(3.0, 3.2, MIN_BLOCKS), tokens=10)) == "not read on the same documents"
+    assert pairing_problem(fewer, fewer) == f"{MIN_BLOCKS - 1} blocks, fewer than the {MIN_BLOCKS} an interval needs"
+    assert pairing_problem(enough, None) == "no blocks recorded"
     with pytest.raises(ValueError, match="one nll and one token count each"):
         ppl_interval({"nll": [1.0, 2.0], "tokens": [1]})
 
@@ -75,11 +90,16 @@ def test_the_reproduction_states_the_claims_ratios_with_intervals_and_nothing_fo
     text = rng.normal(3.6, 0.4, 30)
     records = {"PI, 200 steps": {2048: {"ppl": 40.0, "blocks": _blocks(text + 0.1)}, 256: {"blocks": _blocks(text)}},
                "FT (direct), 200 steps": {2048: {"ppl": 36.0, "blocks": _blocks(text)}},
-               "base": {256: {"blocks": _blocks(text - 0.02)}}}
-    comparisons = [Comparison(3, "PI, 200 steps", "FT (direct), 200 steps", 2048), Comparison(5, "PI, 200 steps", "base", 256)]
-    lines = sampling_text(records, comparisons, base_window=256, seed=0).strip().splitlines()
-    assert lines[-2] == f"- claim 3, at 8L: PI, 200 steps / FT (direct), 200 steps = {math.exp(0.1):.3f} (95%: 1.105 to 1.105)"
-    assert lines[-1].startswith(f"- claim 5, at L: PI, 200 steps / base = {math.exp(0.02):.3f} (95%: ")
+               "base": {256: {"blocks": _blocks(text - 0.02)}},
+               "other text": {256: {"blocks": _blocks(text, documents="validation")}}}
+    comparisons = [Comparison(3, "PI, 200 steps", "FT (direct), 200 steps", 2048), Comparison(5, "PI, 200 steps", "base", 256),
+                   Comparison(5, "PI, 200 steps", "other text", 256)]
+    ratios = sampling_ratios(records, comparisons, seed=0)
+    assert ratios[0]["ratio"] == pytest.approx(math.exp(0.1)) and ratios[0]["ci95"] == pytest.approx([math.exp(0.1)] * 2)
+    lines = sampling_text(ratios, base_window=256).strip().splitlines()
+    assert lines[-3] == f"- claim 3, at 8L: PI, 200 steps / FT (direct), 200 steps = {math.exp(0.1):.3f} (95%: 1.105 to 1.105; 30 blocks)"
+    assert lines[-2].startswith(f"- claim 5, at L: PI, 200 steps / base = {math.exp(0.02):.3f} (95%: ")
+    assert lines[-1] == "- claim 5, at L: PI, 200 steps / other text: no interval (not read on the same documents)"
     older = {name: {w: {k: v for k, v in r.items() if k != "blocks"} for w, r in by.items()} for name, by in records.items()}
-    assert sampling_text(older, comparisons, base_window=256, seed=0) == ""
+    assert sampling_ratios(older, comparisons, seed=0) == [] and sampling_text([], base_window=256) == ""
     assert blocks_of(None) is None and blocks_of({"ppl": 3.0}) is None
