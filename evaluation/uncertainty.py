@@ -10,10 +10,10 @@ the other, and the interval of the comparison is narrower than the two intervals
 
 What the intervals cover: other passages like these documents' blocks. Blocks of one document share its
 overall difficulty, so with few documents (the reproduction's 3 test plays) the interval understates how
-much another set of documents from the same source would move a perplexity; the paired ratios suffer much
-less, as a document's difficulty mostly cancels between two models. Below MIN_BLOCKS blocks a percentile
-bootstrap covers far less than it says (about 73% at 3 blocks, 88% at 10, for a nominal 95%), so no
-interval is given. Training noise (another seed, another data order) is not part of any of this.
+much another set of documents from the same source would move a perplexity; the paired ratios may suffer
+less, where a document's difficulty cancels between the two models (not measured here). Below MIN_BLOCKS blocks a percentile
+bootstrap covers far less than it says (about 75% at 3 blocks, 90% at 10, for a nominal 95%; a little
+under 95% above MIN_BLOCKS), so no interval is given. Training noise (another seed, another data order) is not part of any of this.
 """
 
 from __future__ import annotations
@@ -77,11 +77,21 @@ def pairing_problem(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) ->
     """Why two results' blocks cannot give a paired interval, in words; None when they can."""
     if a is None or b is None:
         return "no blocks recorded"
-    if a.get("documents") != b.get("documents") or list(a["tokens"]) != list(b["tokens"]):
+    if "documents" not in a or "documents" not in b:
+        return "blocks recorded without the documents' fingerprint"
+    if a["documents"] != b["documents"]:
         return "not read on the same documents"
-    if len(a["tokens"]) < MIN_BLOCKS:
-        return f"{len(a['tokens'])} blocks, fewer than the {MIN_BLOCKS} an interval needs"
-    if not (np.isfinite(np.asarray(a["nll"], dtype=np.float64)).all() and np.isfinite(np.asarray(b["nll"], dtype=np.float64)).all()):
+    try:
+        (a_nll, a_tokens), (b_nll, b_tokens) = _block_arrays(a), _block_arrays(b)
+    except ValueError as error:
+        return str(error)
+    if not np.array_equal(a_tokens, b_tokens):
+        return "the same documents cut into other blocks (another block size, or a shard's share)"
+    if (a_tokens <= 0).any():
+        return "a block with no tokens (a shard's share)"
+    if len(a_tokens) < MIN_BLOCKS:
+        return f"{len(a_tokens)} blocks, fewer than the {MIN_BLOCKS} an interval needs"
+    if not (np.isfinite(a_nll).all() and np.isfinite(b_nll).all()):
         return "a loss that is not finite"
     return None
 

@@ -127,13 +127,15 @@ def _brute_force_losses(model, doc, window, stride):
     return losses
 
 
-@pytest.mark.parametrize("window, stride", [(16, 4), (48, 8)], ids=["window-below-block", "window-above-block"])
-def test_blocks_are_fixed_ranges_of_positions_the_same_at_any_window_and_add_up(monkeypatch, window, stride):
+@pytest.mark.parametrize("window, stride, chunk", [(16, 4, 8192), (48, 8, 8192), (48, 8, 10)],
+                         ids=["window-below-block", "window-above-block", "logits-in-chunks"])
+def test_blocks_are_fixed_ranges_of_positions_the_same_at_any_window_and_add_up(monkeypatch, window, stride, chunk):
     """The bootstrap's blocks (evaluation/uncertainty.py): block b of a document holds the losses of its
     positions 1 + 20b .. 20(b + 1) (20 tokens a block here), whatever window and stride read them, even a window
     longer than a block; they add up to each document and to the whole, and DDP's shards add up to them."""
     monkeypatch.setattr(perplexity_module, "BLOCK_TOKENS", 20)
-    docs = _documents([70, 9, 41, 1, 20])
+    monkeypatch.setattr(perplexity_module, "LOGIT_CHUNK_TOKENS", chunk)  # 10: a window's targets over several chunks
+    docs = _documents([70, 9, 41, 1, 0, 20])
     model = tiny_model()
     result = sliding_window_perplexity(model, docs, window, stride, batch_size=3)
     expected_nll, expected_tokens = [], []
@@ -143,12 +145,12 @@ def test_blocks_are_fixed_ranges_of_positions_the_same_at_any_window_and_add_up(
             positions = range(first, min(first + 20, len(doc)))
             expected_nll.append(sum(losses[p] for p in positions))
             expected_tokens.append(len(positions))
-    assert result.blocks["tokens"] == expected_tokens == [20, 20, 20, 9, 8, 20, 20, 19]  # a 1-token document has none
+    assert result.blocks["tokens"] == expected_tokens == [20, 20, 20, 9, 8, 20, 20, 19]  # 1- and 0-token documents have none
     assert result.blocks["nll"] == pytest.approx(expected_nll, rel=1e-5)
     assert sum(result.blocks["nll"]) == pytest.approx(result.nll, rel=1e-12) and sum(expected_tokens) == result.tokens
     other = sliding_window_perplexity(tiny_model({"kind": "pi", "scale": 4.0}), docs, 32, 5, batch_size=2)
     assert other.blocks["tokens"] == result.blocks["tokens"] and other.blocks["documents"] == result.blocks["documents"]
-    assert sliding_window_perplexity(model, docs[:4], window, stride).blocks["documents"] != result.blocks["documents"]
+    assert sliding_window_perplexity(model, docs[:3], window, stride).blocks["documents"] != result.blocks["documents"]
     shards = [sliding_window_perplexity(model, docs, window, stride, batch_size=3, shard=(rank, 2)) for rank in range(2)]
     assert [a + b for a, b in zip(*(s.blocks["tokens"] for s in shards))] == result.blocks["tokens"]
     assert [a + b for a, b in zip(*(s.blocks["nll"] for s in shards))] == pytest.approx(result.blocks["nll"], rel=1e-12)

@@ -821,6 +821,7 @@ def test_the_whole_pipeline_in_miniature(tmp_path: Path) -> None:
             "interval needs)") in text
     assert "- claim 5, at L: PI, 4 steps / RoPE (base), no fine-tuning: no interval (3 blocks" in text
     results = json.loads((report / "results.json").read_text())
+    assert [(r["claim"], r["ratio"], r["problem"][:8]) for r in results["claims_sampling"]] == [(3, None, "3 blocks")] * 2 + [(5, None, "3 blocks")]
     assert len(results["claims"]) == 5 and all(c["verdict"] in (HELD, PARTLY, NOT_HELD, UNTESTABLE) for c in results["claims"])
     assert set(results["ppl"]) >= {"RoPE (base), no fine-tuning", "PI, 4 steps", "FT (direct), 8 steps", "PI, 8 steps"}
     assert [row["step"] for row in results["by_step"]["PI, 4 steps"]] == [0, 2, 4]

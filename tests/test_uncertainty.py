@@ -78,9 +78,17 @@ def test_no_interval_without_enough_comparable_blocks_or_with_a_broken_down_mode
     assert ppl_interval(_blocks([800.0] * 30)) is None  # an overflowing perplexity has no interval worth stating
     assert pairing_problem(enough, enough) is None and ppl_ratio(enough, enough) == (1.0, (1.0, 1.0))
     assert pairing_problem(enough, _blocks(np.linspace(3.0, 3.2, MIN_BLOCKS), documents="other")) == "not read on the same documents"
-    assert pairing_problem(enough, _blocks(np.linspace(3.0, 3.2, MIN_BLOCKS), tokens=10)) == "not read on the same documents"
+    assert pairing_problem(enough, _blocks(np.linspace(3.0, 3.2, MIN_BLOCKS), tokens=10)).startswith(
+        "the same documents cut into other blocks")
     assert pairing_problem(fewer, fewer) == f"{MIN_BLOCKS - 1} blocks, fewer than the {MIN_BLOCKS} an interval needs"
     assert pairing_problem(enough, None) == "no blocks recorded"
+    unmarked = {k: v for k, v in enough.items() if k != "documents"}
+    assert pairing_problem(unmarked, unmarked) == "blocks recorded without the documents' fingerprint"
+    empty_block = {**enough, "tokens": [0.0, *enough["tokens"][1:]]}
+    assert pairing_problem(empty_block, empty_block) == "a block with no tokens (a shard's share)"
+    assert "one nll and one token count each" in pairing_problem(enough, {**enough, "nll": enough["nll"][1:]})
+    broken = {**enough, "nll": [math.nan, *enough["nll"][1:]]}
+    assert pairing_problem(enough, broken) == "a loss that is not finite" and ppl_ratio(enough, broken) is None
     with pytest.raises(ValueError, match="one nll and one token count each"):
         ppl_interval({"nll": [1.0, 2.0], "tokens": [1]})
 
