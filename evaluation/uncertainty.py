@@ -11,9 +11,10 @@ the other, and the interval of the comparison is narrower than the two intervals
 What the intervals cover: other passages like these documents' blocks. Blocks of one document share its
 overall difficulty, so with few documents (the reproduction's 3 test plays) the interval understates how
 much another set of documents from the same source would move a perplexity; the paired ratios may suffer
-less, where a document's difficulty cancels between the two models (not measured here). Below MIN_BLOCKS blocks a percentile
-bootstrap covers far less than it says (about 75% at 3 blocks, 90% at 10, for a nominal 95%; a little
-under 95% above MIN_BLOCKS), so no interval is given. Training noise (another seed, another data order) is not part of any of this.
+less, where a document's difficulty cancels between the two models (not measured here). Below MIN_BLOCKS
+blocks a percentile bootstrap covers far less than it says (about 75% at 3 blocks, 90% at 10, for a nominal
+95%; a little under 95% above MIN_BLOCKS), so no interval is given. Training noise (another seed, another
+data order) is not part of any of this.
 """
 
 from __future__ import annotations

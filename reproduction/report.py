@@ -372,8 +372,9 @@ def sampling_text(ratios: Sequence[Mapping[str, Any]], base_window: int) -> str:
             low, high = r["ci95"]
             lines.append(f"- {what} = {r['ratio']:.3f} (95%: {low:.3f} to {high:.3f}; {r['blocks']} blocks)")
     return ("\n\nHow much the test text decides the ratios behind claims 3 and 5: each with a 95% interval, where "
-            f"there are enough blocks, from a paired bootstrap over blocks of {BLOCK_TOKENS} consecutive tokens of the test plays (both models read "
-            "on the same resampled blocks; evaluation/uncertainty.py). A ratio whose interval holds its threshold "
+            f"there are enough blocks, from a paired bootstrap over blocks of {BLOCK_TOKENS} consecutive tokens of "
+            "the test plays (both models read on the same resampled blocks; evaluation/uncertainty.py). A ratio "
+            "whose interval holds its threshold "
             "(claim 3: 1; claim 5: 1.05 and 1.15) could be judged the other way on other passages of these plays. "
             "The blocks come from a few plays, so other plays could move it more, and another training seed is not "
             "part of these intervals.\n\n" + "\n".join(lines))
